@@ -1,0 +1,122 @@
+"""The `attnpipe` command line. Library errors become one-line messages (exit 1) here and only
+here; `--debug` shows the traceback instead."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import textwrap
+
+import click
+
+from .errors import AttnpipeError
+
+
+def command_boundary(fn):
+    """Shared --debug flag; AttnpipeError -> one-line ClickException unless debugging."""
+
+    @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+    @functools.wraps(fn)
+    def wrapper(*args, debug: bool = False, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AttnpipeError as exc:
+            if debug:
+                raise
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="attnpipe")
+def cli():
+    """attnpipe: corpus-scale attention datasets from Hugging Face transformers, as Parquet."""
+
+
+@cli.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--output", "-o", help="Output directory (overrides run.output).")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N documents (corpus.limit).")
+@click.option("--device", help="auto, cpu, cuda or cuda:N (run.device).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="model.dtype.")
+@click.option("--model", "model_name", help="Model directory or hub name (model.name).")
+@click.option("--num-shards", type=click.IntRange(min=1), help="run.num_shards.")
+@click.option("--batch-tokens", type=click.IntRange(min=1), help="run.batch_tokens.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@command_boundary
+def run(job_file, output, limit, device, dtype, model_name, num_shards, batch_tokens, quiet):
+    """Run JOB_FILE (TOML): corpus -> model -> recipes -> Parquet tables. Finished shards of an
+    earlier run of the same job are skipped."""
+    from .executor.local import run_job
+    from .job import load_job
+
+    job = load_job(job_file, overrides={
+        "run.output": output, "corpus.limit": limit, "run.device": device, "model.dtype": dtype,
+        "model.name": model_name, "run.num_shards": num_shards, "run.batch_tokens": batch_tokens})
+    summary = run_job(job, quiet=quiet)
+    if not quiet:
+        t = summary.totals
+        skipped = f", {len(summary.shards_skipped)} already done" if summary.shards_skipped else ""
+        click.echo(f"wrote {summary.output}: {len(summary.shards_run)} shards run{skipped}; "
+                   f"{t['documents']} documents ({t['empty_documents']} empty), {t['windows']} windows, "
+                   f"{t['tokens']} tokens")
+        for table, n in sorted(t["rows"].items()):
+            click.echo(f"  {table:<11} {n:>10,} rows")
+        if t["empty_documents"]:
+            click.echo(f"note: {t['empty_documents']} empty documents have a documents row only", err=True)
+
+
+@cli.command()
+@command_boundary
+def recipes():
+    """List the recipes with their parameters, from their own docstrings."""
+    from .recipes import RECIPES
+
+    for r in RECIPES.values():
+        click.echo(click.style(f"{r.name}", bold=True) + f"  -> table '{r.table}', version {r.version}")
+        click.echo(textwrap.indent(r.doc, "    "))
+        for name, field in r.params.model_fields.items():
+            click.echo(f"    param {name} = {field.default!r}: {field.description}")
+        click.echo()
+
+
+@cli.command()
+@click.argument("table", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the declared schema as JSON.")
+@command_boundary
+def schema(table, as_json):
+    """Show the declared schema of TABLE (all tables without an argument)."""
+    from .schema import load_schemas, table_schema
+
+    chosen = [table_schema(table)] if table else list(load_schemas().values())
+    for s in chosen:
+        if as_json:
+            click.echo(json.dumps({"table": s.name, "version": s.version, "columns": list(s.columns)}, indent=2))
+            continue
+        part = f", partitioned by {', '.join(s.partition_by)}" if s.partitioned else ""
+        click.echo(click.style(f"{s.name}", bold=True) + f" (v{s.version}{part}): {s.description}")
+        for c in s.columns:
+            click.echo(f"    {c['name']:<14} {c['type']:<14} {c['description']}")
+        click.echo()
+
+
+@cli.command()
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@command_boundary
+def inspect(output, as_json):
+    """Summarise an output directory: tables, row counts, layers, heads and provenance."""
+    from .inspect import format_summary, summarize
+
+    s = summarize(output)
+    click.echo(json.dumps(s, indent=2, default=str) if as_json else format_summary(s))
+
+
+def main() -> None:
+    cli(prog_name="attnpipe")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Job specs: a TOML file with [corpus], [model], [run] and a list of [[recipes]].
+
+Everything is validated before any work starts. Relative corpus and model paths are resolved
+against the job file's folder (so a job runs the same from any working directory); the output
+directory is relative to where you run `attnpipe`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import JobError
+from .recipes import RECIPES, validate_recipe
+
+
+class _Section(BaseModel):
+    # strict: TOML is typed, so "8192" (a string) for an integer is a mistake worth reporting.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class CorpusSpec(_Section):
+    path: str
+    format: Literal["auto", "text", "json", "csv", "parquet", "disk", "hub"] = "auto"
+    split: str = "train"
+    text_column: str = "text"
+    id_column: str | None = None
+    metadata_columns: list[str] = Field(default_factory=list)
+    limit: int | None = Field(default=None, ge=1)
+
+
+class ModelSpec(_Section):
+    # A local directory, a hub name, or the embedded default "all-MiniLM-L6-v2".
+    name: str = "all-MiniLM-L6-v2"
+    revision: str | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # Window length in tokens; default: the model's own maximum. Longer documents are windowed.
+    max_length: int | None = Field(default=None, ge=4)
+    # Tokens shared by consecutive windows, so every token sees some context on both sides.
+    stride: int = Field(default=32, ge=0)
+    trust_remote_code: bool = False
+    # Pickle checkpoints (.bin) can run code when loaded: only safetensors unless asked for.
+    allow_pickle: bool = False
+
+
+class RunSpec(_Section):
+    output: str | None = None
+    num_shards: int = Field(default=1, ge=1)
+    # Padded tokens per forward pass (batch x longest window). 8192 keeps a 6-layer, 12-head
+    # float32 model under ~1 GiB of attention maps per layer on CPU or GPU.
+    batch_tokens: int = Field(default=8192, ge=1)
+    device: str = "auto"
+    progress: bool = True
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        ok = value in ("auto", "cpu", "cuda", "mps") or (value.startswith("cuda:") and value[5:].isdigit())
+        if not ok:
+            raise ValueError(f"must be one of auto, cpu, cuda, cuda:N, mps (got {value!r})")
+        return value
+
+
+class JobSpec(_Section):
+    name: str = "job"
+    description: str = ""
+    corpus: CorpusSpec
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    run: RunSpec = Field(default_factory=RunSpec)
+    recipes: list[dict[str, Any]] = Field(default_factory=lambda: [{"name": "head_stats"}])
+    # Set by load_job, not by the user: where relative corpus/model paths are resolved from.
+    base_dir: str = "."
+
+    def output_dir(self) -> Path:
+        return Path(self.run.output or f"out/{self.name}")
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the output (not the output dir, device or progress)."""
+        data = self.model_dump(exclude={"base_dir", "description"})
+        data["run"] = {k: v for k, v in data["run"].items() if k in ("num_shards",)}
+        data["corpus"]["path"] = str(self.resolve(self.corpus.path)) if self.corpus.format != "hub" else self.corpus.path
+        blob = json.dumps(data, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _format_error(source: str, err: dict) -> str:
+    loc = list(err["loc"])
+    if loc and loc[0] == "recipes" and len(loc) > 1:
+        where = f"recipes[{loc[1]}]" + "".join(f".{p}" for p in loc[2:])
+    else:
+        where = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        section = _section_model(loc[:-1])
+        valid = ", ".join(section.model_fields) if section else "?"
+        return f"{source}: unknown key '{where}'; valid keys here: {valid}"
+    if err["type"] == "missing":
+        return f"{source}: missing required key '{where}'"
+    got = err.get("input")
+    return f"{source}: '{where}': {err['msg']} (got {got!r})"
+
+
+def _section_model(loc: list) -> type[BaseModel] | None:
+    model: type[BaseModel] = JobSpec
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _set_override(data: dict, dotted: str, value: Any) -> None:
+    node = data
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+def build_job(data: dict, source: str = "job", base_dir: str | Path = ".",
+              overrides: dict[str, Any] | None = None) -> JobSpec:
+    """Validate a job from a dict (a parsed TOML file) plus dotted-key overrides."""
+    data = json.loads(json.dumps(data))  # deep copy, plain types
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_override(data, dotted, value)
+    data["base_dir"] = str(base_dir)
+    try:
+        job = JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise JobError(_format_error(source, exc.errors()[0])) from None
+    if not job.recipes:
+        raise JobError(f"{source}: 'recipes' is empty; name at least one of: {', '.join(RECIPES)}")
+    job.recipes = [validate_recipe(r, f"{source}: recipes[{i}]") for i, r in enumerate(job.recipes)]
+    if job.model.max_length is not None and job.model.stride >= job.model.max_length - 2:
+        raise JobError(f"{source}: 'model.stride' ({job.model.stride}) must be smaller than "
+                       f"model.max_length - 2 ({job.model.max_length - 2})")
+    return job
+
+
+def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobSpec:
+    """Read and validate a job file. Raises JobError naming the key and what is valid."""
+    path = Path(path)
+    if not path.is_file():
+        raise JobError(f"job file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise JobError(f"{path}: not valid TOML: {exc}") from None
+    data.setdefault("name", path.stem)
+    return build_job(data, source=str(path), base_dir=path.parent, overrides=overrides)

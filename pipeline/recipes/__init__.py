@@ -1,0 +1,111 @@
+"""The recipe registry: name -> function, output table, parameters and version.
+
+A recipe's version is bumped whenever its output changes for the same input; it is stored in
+the Parquet metadata and the manifest so old and new data are never mixed up silently.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import RecipeError
+from .attention import HEAD_MEAN, BatchMasks, LayerAttention
+from .dense import dense
+from .head_stats import head_stats
+from .masks import threshold, topk, topp
+from .rollout import rollout
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class NoParams(_Params):
+    pass
+
+
+class TopkParams(_Params):
+    k: int = Field(default=8, ge=1, description="keys kept per query")
+    per_head: bool = Field(default=True, description="per head, or on the mean over heads")
+
+
+class ThresholdParams(_Params):
+    t: float = Field(default=0.1, ge=0.0, le=1.0, description="keep weights strictly above t")
+    per_head: bool = Field(default=True, description="per head, or on the mean over heads")
+
+
+class ToppParams(_Params):
+    p: float = Field(default=0.9, gt=0.0, le=1.0, description="attention mass to cover")
+    per_head: bool = Field(default=True, description="per head, or on the mean over heads")
+
+
+class RolloutParams(_Params):
+    k: int = Field(default=8, ge=1, description="keys of the rolled-out map kept per query")
+
+
+class DenseParams(_Params):
+    max_tokens: int = Field(default=64, ge=1, description="only windows up to this many tokens")
+    per_head: bool = Field(default=True, description="every head, or only the head mean")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    fn: Callable
+    table: str
+    params: type[_Params]
+    version: int
+    stateful: bool = False  # rollout carries its product from one layer to the next
+
+    @property
+    def doc(self) -> str:
+        return (self.fn.__doc__ or "").strip()
+
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in [
+    Recipe("head_stats", head_stats, "head_stats", NoParams, 1),
+    Recipe("topk", topk, "edges", TopkParams, 1),
+    Recipe("threshold", threshold, "edges", ThresholdParams, 1),
+    Recipe("topp", topp, "edges", ToppParams, 1),
+    Recipe("rollout", rollout, "rollout", RolloutParams, 1, stateful=True),
+    Recipe("dense", dense, "maps", DenseParams, 1),
+]}
+
+
+def validate_recipe(spec: dict[str, Any], where: str) -> dict[str, Any]:
+    """Check a recipe entry {name, **params}; return it with every default filled in."""
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise RecipeError(f"{where}: each recipe needs a 'name'; valid names: {', '.join(RECIPES)}")
+    name = spec["name"]
+    if name not in RECIPES:
+        raise RecipeError(f"{where}: unknown recipe {name!r}; valid names: {', '.join(RECIPES)}")
+    params = {k: v for k, v in spec.items() if k != "name"}
+    model = RECIPES[name].params
+    try:
+        checked = model.model_validate(params)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            valid = ", ".join(model.model_fields) or "(none)"
+            raise RecipeError(f"{where} ({name}): unknown parameter {key!r}; valid: {valid}") from None
+        raise RecipeError(f"{where} ({name}): {key!r}: {err['msg']} (got {err.get('input')!r})") from None
+    return {"name": name, **checked.model_dump()}
+
+
+def recipe_params(spec: dict[str, Any]) -> str:
+    """Canonical JSON of a recipe's parameters: the `recipe_params` column and part of its id."""
+    return json.dumps({k: v for k, v in spec.items() if k != "name"}, sort_keys=True,
+                      separators=(",", ":"))
+
+
+def recipe_id(spec: dict[str, Any]) -> str:
+    return f"{spec['name']}{recipe_params(spec)}"
+
+
+__all__ = ["RECIPES", "Recipe", "BatchMasks", "LayerAttention", "HEAD_MEAN", "validate_recipe",
+           "recipe_params", "recipe_id"]

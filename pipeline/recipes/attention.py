@@ -1,0 +1,77 @@
+"""What a recipe sees: one layer's attention probabilities plus the batch's masks.
+
+Dimension names are the same everywhere: batch, head, query_pos, key_pos. A recipe returns a
+dict of 1-D column tensors (still on the device); the writer adds doc_id, window, layer and the
+recipe's name and parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+HEAD_MEAN = -1  # the `head` value of rows computed on the mean over heads
+
+
+@dataclass
+class BatchMasks:
+    """Per-batch token facts, shared by every layer and recipe."""
+
+    lengths: torch.Tensor  # (batch,) real tokens per window; the rest is right padding
+    special: torch.Tensor  # (batch, pos) bool: [CLS], [SEP], <s>, ... (tokenizer's special mask)
+    sep: torch.Tensor  # (batch, pos) bool: separator / end-of-sequence tokens
+    punct: torch.Tensor  # (batch, pos) bool: tokens made only of punctuation
+    causal: bool
+
+    @property
+    def size(self) -> int:
+        return self.special.shape[1]
+
+    @cached_property
+    def positions(self) -> torch.Tensor:  # (pos,)
+        return torch.arange(self.size, device=self.lengths.device)
+
+    @cached_property
+    def token_valid(self) -> torch.Tensor:  # (batch, pos)
+        return self.positions[None, :] < self.lengths[:, None]
+
+    @cached_property
+    def pair_valid(self) -> torch.Tensor:  # (batch, 1, query_pos, key_pos)
+        valid = self.token_valid[:, None, :, None] & self.token_valid[:, None, None, :]
+        if self.causal:
+            valid = valid & torch.ones(self.size, self.size, dtype=torch.bool,
+                                       device=valid.device).tril()
+        return valid
+
+
+@dataclass
+class LayerAttention:
+    """One layer's attention for a batch, handed to every recipe, then dropped."""
+
+    probs: torch.Tensor  # (batch, head, query_pos, key_pos), as the model computed it
+    layer: int
+    masks: BatchMasks
+
+    @cached_property
+    def clean(self) -> torch.Tensor:
+        """Probabilities in float32 with padded and (causal) future pairs set to exactly 0."""
+        return self.probs.float().masked_fill(~self.masks.pair_valid, 0.0)
+
+    @cached_property
+    def head_mean(self) -> torch.Tensor:  # (batch, 1, query_pos, key_pos)
+        return self.clean.mean(dim=1, keepdim=True)
+
+    def select(self, per_head: bool) -> torch.Tensor:
+        return self.clean if per_head else self.head_mean
+
+
+def edge_columns(keep: torch.Tensor, key_pos: torch.Tensor, weight: torch.Tensor,
+                 per_head: bool) -> dict[str, torch.Tensor]:
+    """Rows for the entries of `keep` (batch, head, query_pos, j), with key position and weight
+    taken from the same-shaped `key_pos` and `weight`."""
+    b, h, q, j = keep.nonzero(as_tuple=True)
+    head = h if per_head else torch.full_like(h, HEAD_MEAN)
+    return {"batch_index": b, "head": head, "query_pos": q,
+            "key_pos": key_pos[b, h, q, j], "weight": weight[b, h, q, j].float()}

@@ -1,0 +1,28 @@
+"""Attention rollout (Abnar & Zuidema 2020, "Quantifying Attention Flow in Transformers")."""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import LayerAttention, edge_columns
+
+
+def rollout(att: LayerAttention, carry: torch.Tensor | None, *, k: int
+            ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Rolled-out attention up to each layer, stored as its top k keys per query.
+
+    Per layer: the head mean A, then 0.5*A + 0.5*I with rows renormalised, multiplied onto the
+    product of the layers below (layer 0 is its own rollout). Padded tokens take no part; for
+    causal models the product stays lower-triangular, so no future key is stored.
+    """
+    m = att.masks
+    mean = att.head_mean[:, 0]  # (batch, query_pos, key_pos)
+    eye = torch.diag_embed(m.token_valid.float())  # identity on real tokens only
+    mixed = 0.5 * mean + 0.5 * eye
+    mixed = mixed / mixed.sum(-1, keepdim=True).clamp_min(1e-12)
+    rolled = mixed if carry is None else mixed @ carry  # (batch, query_pos, key_pos)
+    scores = rolled.masked_fill(~m.pair_valid[:, 0], float("-inf"))[:, None]
+    weight, key_pos = scores.topk(min(k, scores.shape[-1]), dim=-1)
+    cols = edge_columns(torch.isfinite(weight), key_pos, weight, per_head=False)
+    del cols["head"]
+    return cols, rolled

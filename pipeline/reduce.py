@@ -1,0 +1,57 @@
+"""One batch through the model: every layer's attention goes through every recipe on the device,
+and only the recipes' (small) outputs come back to the host."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .capture import capturing
+from .model import LoadedModel
+from .recipes import RECIPES, BatchMasks, LayerAttention
+from .windows import Window, collate
+
+
+@dataclass
+class Output:
+    """One recipe's rows for one layer of one batch; `batch_index` points into the batch."""
+
+    recipe: int  # index into the job's recipe list
+    layer: int
+    columns: dict[str, np.ndarray]
+
+
+def batch_masks(lm: LoadedModel, windows: list[Window], ids: torch.Tensor) -> BatchMasks:
+    lengths = torch.tensor([len(w) for w in windows], device=ids.device)
+    valid = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]
+    special = torch.zeros_like(valid)
+    for row, w in enumerate(windows):
+        special[row, : len(w)] = torch.tensor(w.special, device=ids.device)
+    sep = torch.isin(ids, torch.tensor(sorted(lm.sep_ids), device=ids.device, dtype=ids.dtype)) & valid
+    punct = lm.punct_table.to(ids.device)[ids] & valid
+    return BatchMasks(lengths, special, sep, punct, lm.causal)
+
+
+def reduce_batch(lm: LoadedModel, windows: list[Window], recipes: list[dict]) -> list[Output]:
+    ids, attention_mask = (t.to(lm.device) for t in collate(windows, lm.pad_id))
+    masks = batch_masks(lm, windows, ids)
+    pending: list[tuple[int, int, dict[str, torch.Tensor]]] = []
+    carry: dict[int, torch.Tensor] = {}
+
+    def sink(layer: int, probs: torch.Tensor) -> None:
+        att = LayerAttention(probs, layer, masks)
+        for i, spec in enumerate(recipes):
+            recipe = RECIPES[spec["name"]]
+            params = {k: v for k, v in spec.items() if k != "name"}
+            if recipe.stateful:
+                cols, carry[i] = recipe.fn(att, carry.get(i), **params)
+            else:
+                cols = recipe.fn(att, **params)
+            pending.append((i, layer, cols))
+
+    with capturing(sink):
+        lm.forward(ids, attention_mask)
+    return [Output(i, layer, {k: v.cpu().numpy() for k, v in cols.items()})
+            for i, layer, cols in pending]
