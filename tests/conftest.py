@@ -1,0 +1,124 @@
+"""Shared fixtures: tiny random-init models built from configs in memory (no downloads, no GPU).
+
+Every tiny model uses the embedded MiniLM tokenizer (BERT WordPiece, offline); the model's own
+architecture is what the capture and recipe tests care about.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (AutoModel, AutoTokenizer, BartConfig, BertConfig, GPT2Config,
+                          LlamaConfig, T5Config)
+
+from pipeline.model import LoadedModel, builtin_model_dir
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+VOCAB = 30522  # the MiniLM tokenizer's vocabulary
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+TINY_CONFIGS = {
+    "bert": lambda: BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=64, max_position_embeddings=128),
+    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128),
+    # Grouped-query attention: 4 query heads share 2 key/value heads; RoPE positions.
+    "llama": lambda: LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
+    "t5": lambda: T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4),
+    "bart": lambda: BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+                               encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                               decoder_ffn_dim=64, max_position_embeddings=128),
+}
+ARCHS = list(TINY_CONFIGS)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(builtin_model_dir())
+
+
+def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return AutoModel.from_config(TINY_CONFIGS[arch](), attn_implementation="eager").eval()
+
+
+def eager_attentions(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """The reference: HF eager with output_attentions=True, one (batch, head, q, k) map per layer."""
+    reference = copy.deepcopy(model)
+    reference.set_attn_implementation("eager")
+    run = reference.get_encoder() if reference.config.is_encoder_decoder else reference
+    with torch.no_grad():
+        out = run(input_ids=ids, attention_mask=mask, output_attentions=True)
+    return list(out.attentions)
+
+
+def loaded(arch: str, tokenizer, seed: int = 0) -> tuple[LoadedModel, torch.nn.Module]:
+    """(LoadedModel for capture, an untouched copy of the same weights for the reference)."""
+    model = tiny_model(arch, seed)
+    reference = copy.deepcopy(model)
+    return LoadedModel(model, tokenizer, f"tiny-{arch}", torch.device("cpu")), reference
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from pipeline.model import load_model
+
+    return load_model("all-MiniLM-L6-v2", device="cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    skip_shared = pytest.mark.skip(reason="../shared is not beside the repo")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "shared" in item.keywords and not SHARED.is_dir():
+            item.add_marker(skip_shared)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """save_pretrained() folders of tiny models (safetensors + tokenizer), by architecture."""
+    made = {}
+
+    def make(arch: str = "bert") -> Path:
+        if arch not in made:
+            path = tmp_path_factory.mktemp(f"tiny-{arch}")
+            tiny_model(arch).save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            made[arch] = path
+        return made[arch]
+
+    return make
+
+
+def write_job(tmp_path: Path, corpus: Path | str, model: Path | str = "all-MiniLM-L6-v2",
+              recipes: str = '[[recipes]]\nname = "head_stats"\n', extra: str = "", **run) -> Path:
+    """A job file in tmp_path; `run` keys go to [run] (output defaults to tmp_path/out)."""
+    run.setdefault("output", str(tmp_path / "out"))
+    run.setdefault("progress", False)
+    lines = [f'name = "test"', "[corpus]", f'path = "{corpus}"', extra, "[model]", f'name = "{model}"',
+             "max_length = 64", "stride = 8", "[run]"]
+    lines += [f"{k} = {toml_value(v)}" for k, v in run.items()]
+    path = tmp_path / "job.toml"
+    path.write_text("\n".join(lines) + "\n" + recipes)
+    return path
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    return str(v)

@@ -1,0 +1,53 @@
+"""Captured attention equals HF eager `output_attentions=True` (float32, within 1e-5), with
+padding in the batch, on BERT, GPT-2 (causal), Llama (RoPE + GQA), T5 and BART encoders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.capture import capturing
+from pipeline.windows import collate, tokenize
+
+from conftest import eager_attentions, loaded
+
+TEXTS = ["The animal didn't cross the street because it was too tired.",
+         "Short one.",
+         "A somewhat longer sentence, with commas, numbers like 42, and a question at the end?"]
+ATOL = 1e-5
+
+
+def _batch(tokenizer):
+    windows = tokenize(tokenizer, TEXTS, max_length=64, stride=8)
+    return windows, *collate(windows, tokenizer.pad_token_id)
+
+
+def test_capture_equals_eager(arch, tokenizer):
+    lm, reference = loaded(arch, tokenizer)
+    windows, ids, mask = _batch(tokenizer)
+    assert (mask == 0).any(), "the batch must contain padding"
+    captured = {}
+    with capturing(lambda layer, probs: captured.__setitem__(layer, probs.clone())):
+        lm.forward(ids, mask)
+    expected = eager_attentions(reference, ids, mask)
+    assert len(captured) == len(expected) == lm.num_layers
+    for layer, ref in enumerate(expected):
+        got = captured[layer]
+        assert got.shape == ref.shape == (len(windows), lm.num_heads, ids.shape[1], ids.shape[1])
+        valid = mask.bool()[:, None, :, None] & mask.bool()[:, None, None, :]
+        torch.testing.assert_close(got[valid.expand_as(got)], ref[valid.expand_as(ref)], atol=ATOL, rtol=0)
+
+
+def test_causal_detected(arch, tokenizer):
+    lm, _ = loaded(arch, tokenizer)
+    assert lm.causal == (arch in ("gpt2", "llama"))
+    assert lm.num_heads == 4 and lm.num_layers == 2
+
+
+def test_no_weights_returned_to_model(tokenizer):
+    """The capture function hands no attention maps back, so nothing accumulates per layer."""
+    lm, _ = loaded("bert", tokenizer)
+    _, ids, mask = _batch(tokenizer)
+    with torch.no_grad():
+        out = lm.model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert out.attentions is None or all(a is None for a in out.attentions)
