@@ -36,6 +36,10 @@ class ShardWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
+        try:
+            self.staging.parent.rmdir()  # only when no other shard is staging beside this one
+        except OSError:
+            pass
 
     def schema(self, table: str) -> pa.Schema:
         declared = table_schema(table)
