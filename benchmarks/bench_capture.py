@@ -22,8 +22,8 @@ import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig
 
 from pipeline.model import DTYPES, LoadedModel, builtin_model_dir, pick_device
-from pipeline.recipes import RECIPES, BatchMasks, LayerAttention, validate_recipe
-from pipeline.reduce import reduce_batch
+from pipeline.recipes import LayerAttention, validate_recipe
+from pipeline.reduce import apply_recipes, batch_masks, reduce_batch
 from pipeline.windows import Window
 
 RECIPE_SET = [{"name": "head_stats"}, {"name": "topk", "k": 8}, {"name": "topk", "k": 8, "per_head": False},
@@ -97,19 +97,10 @@ def main() -> None:
     @torch.inference_mode()
     def run_baseline():
         maps = [a.cpu() for a in eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions]
-        masks = BatchMasks(mask.sum(1).cpu(), torch.zeros_like(mask, dtype=torch.bool).cpu(),
-                           torch.zeros_like(mask, dtype=torch.bool).cpu(), torch.zeros_like(mask, dtype=torch.bool).cpu(),
-                           False)
+        masks = batch_masks(lm, windows, ids.cpu())
         carry = {}
         for layer, probs in enumerate(maps):
-            att = LayerAttention(probs, layer, masks)
-            for i, spec in enumerate(recipes):
-                params = {k: v for k, v in spec.items() if k != "name"}
-                fn = RECIPES[spec["name"]]
-                if fn.stateful:
-                    _, carry[i] = fn.fn(att, carry.get(i), **params)
-                else:
-                    fn.fn(att, **params)
+            apply_recipes(LayerAttention(probs, layer, masks), recipes, carry)
 
     def run_ours():
         reduce_batch(lm, windows, recipes)

@@ -34,6 +34,21 @@ def batch_masks(lm: LoadedModel, windows: list[Window], ids: torch.Tensor) -> Ba
     return BatchMasks(lengths, special, sep, punct, lm.causal)
 
 
+def apply_recipes(att: LayerAttention, recipes: list[dict], carry: dict[int, torch.Tensor]
+                  ) -> list[tuple[int, dict[str, torch.Tensor]]]:
+    """Every recipe on one layer; `carry` holds stateful recipes' state between layers."""
+    out = []
+    for i, spec in enumerate(recipes):
+        recipe = RECIPES[spec["name"]]
+        params = {k: v for k, v in spec.items() if k != "name"}
+        if recipe.stateful:
+            cols, carry[i] = recipe.fn(att, carry.get(i), **params)
+        else:
+            cols = recipe.fn(att, **params)
+        out.append((i, cols))
+    return out
+
+
 def reduce_batch(lm: LoadedModel, windows: list[Window], recipes: list[dict]) -> list[Output]:
     ids, attention_mask = (t.to(lm.device) for t in collate(windows, lm.pad_id))
     masks = batch_masks(lm, windows, ids)
@@ -41,14 +56,7 @@ def reduce_batch(lm: LoadedModel, windows: list[Window], recipes: list[dict]) ->
     carry: dict[int, torch.Tensor] = {}
 
     def sink(layer: int, probs: torch.Tensor) -> None:
-        att = LayerAttention(probs, layer, masks)
-        for i, spec in enumerate(recipes):
-            recipe = RECIPES[spec["name"]]
-            params = {k: v for k, v in spec.items() if k != "name"}
-            if recipe.stateful:
-                cols, carry[i] = recipe.fn(att, carry.get(i), **params)
-            else:
-                cols = recipe.fn(att, **params)
+        for i, cols in apply_recipes(LayerAttention(probs, layer, masks), recipes, carry):
             pending.append((i, layer, cols))
 
     with capturing(sink):
