@@ -52,6 +52,8 @@ def run(job_file, output, limit, device, dtype, model_name, num_shards, batch_to
     from .executor.local import run_job
     from .job import load_job
 
+    quiet_libraries()
+
     job = load_job(job_file, overrides={
         "run.output": output, "corpus.limit": limit, "run.device": device, "model.dtype": dtype,
         "model.name": model_name, "run.num_shards": num_shards, "run.batch_tokens": batch_tokens})
@@ -112,6 +114,16 @@ def inspect(output, as_json):
 
     s = summarize(output)
     click.echo(json.dumps(s, indent=2, default=str) if as_json else format_summary(s))
+
+
+def quiet_libraries() -> None:
+    """Our own progress bar is the progress: hide datasets' and transformers' load bars."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
 
 def main() -> None:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import codecs
 import glob
+import json
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .errors import CorpusError
 from .job import CorpusSpec
@@ -48,20 +51,41 @@ def _format_of(files: list[Path], declared: str) -> str:
     return kinds.pop()
 
 
+def _has_rows(files: list[Path], fmt: str) -> bool:
+    """Cheap emptiness check, so an empty corpus gets a clear error instead of a loader crash."""
+    if fmt == "parquet":
+        return any(pq.read_metadata(f).num_rows for f in files)
+    header = 1 if fmt == "csv" else 0  # a CSV with only its header line has no rows
+    for f in files:
+        with f.open("rb") as fh:
+            lines = sum(1 for line in fh if line.strip())
+        if lines > header:
+            return True
+    return False
+
+
 def _load_files(files: list[Path], fmt: str) -> datasets.Dataset:
     if fmt in ("text", "json", "csv"):
         for f in files:
             check_utf8(f)
-    kwargs = {"delimiter": "\t"} if fmt == "csv" and files[0].suffix.lower() == ".tsv" else {}
     try:
+        if not _has_rows(files, fmt):
+            raise CorpusError(f"corpus {files[0] if len(files) == 1 else files[0].parent} has no rows")
+        kwargs = {"delimiter": "\t"} if fmt == "csv" and files[0].suffix.lower() == ".tsv" else {}
         return datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train", **kwargs)
-    except datasets.exceptions.DatasetGenerationError as exc:
+    except (datasets.exceptions.DatasetGenerationError, pa.ArrowException, ValueError) as exc:
         cause = exc.__cause__ or exc
         raise CorpusError(f"could not read corpus {files[0]} as {fmt}: {cause}") from None
 
 
 def _load_disk(path: Path, split: str) -> datasets.Dataset:
-    ds = datasets.load_from_disk(str(path))
+    state = path / "state.json"
+    if state.is_file() and not json.loads(state.read_text()).get("_data_files"):
+        raise CorpusError(f"corpus {path} has no rows")  # load_from_disk crashes on 0 shards
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, IndexError, pa.ArrowException) as exc:
+        raise CorpusError(f"could not read saved dataset {path}: {exc}") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise CorpusError(f"corpus {path} has no split {split!r}; splits: {', '.join(ds)}")
@@ -124,7 +148,10 @@ def _check_columns(ds: datasets.Dataset, spec: CorpusSpec) -> None:
 
 
 def shard_of(ds: datasets.Dataset, num_shards: int, index: int) -> datasets.Dataset:
-    """Shard `index` of `num_shards`: contiguous, so the same job always yields the same shards."""
+    """Shard `index` of `num_shards`: contiguous, so the same job always yields the same shards.
+    With more shards than rows, the shards past the last row are empty."""
+    if index >= len(ds):  # datasets' contiguous shard raises here instead of returning nothing
+        return ds.select([])
     return ds.shard(num_shards=num_shards, index=index, contiguous=True)
 
 

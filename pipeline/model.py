@@ -153,6 +153,12 @@ def load_model(name: str, *, base_dir: Path = Path("."), revision: str | None = 
     """Load from the embedded default, a local directory or the hub. Raises ModelError."""
     target = pick_device(device)  # fail on a bad device before spending time on loading
     source, local = resolve_source(name, base_dir)
+    if local and not allow_pickle and not list(Path(source).glob("*.safetensors")):
+        pickles = sorted(p.name for p in Path(source).glob("*.bin")) + sorted(p.name for p in Path(source).glob("*.pt"))
+        if pickles:
+            raise ModelError(f"model {source} has only pickle checkpoints ({', '.join(pickles)}), which can run "
+                             "code when loaded; convert them to safetensors, or set model.allow_pickle = true "
+                             "if you trust their source")
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
     try:
         AutoConfig.from_pretrained(source, **kwargs)

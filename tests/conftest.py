@@ -6,8 +6,13 @@ architecture is what the capture and recipe tests care about.
 
 from __future__ import annotations
 
-import copy
 import os
+
+# Before transformers/huggingface_hub are imported: they read these once, at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import copy  # noqa: E402
 from pathlib import Path
 
 import pytest
@@ -17,8 +22,6 @@ from transformers import (AutoModel, AutoTokenizer, BartConfig, BertConfig, GPT2
 
 from pipeline.model import LoadedModel, builtin_model_dir
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 VOCAB = 30522  # the MiniLM tokenizer's vocabulary
 SHARED = Path(__file__).resolve().parents[2] / "shared"
