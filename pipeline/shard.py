@@ -82,8 +82,7 @@ def run_shard(job: JobSpec, shard: int, data: datasets.Dataset, lm: LoadedModel,
     stride = job.model.stride
     windows = tokenize(lm.tokenizer, docs.texts, window_length(job, lm), stride)
     remaining = np.bincount([w.doc_index for w in windows], minlength=len(docs.texts))
-    extra = pa.schema([pa.field(c, data.features[c].pa_type if hasattr(data.features[c], "pa_type")
-                                else pa.string()) for c in job.corpus.metadata_columns])
+    extra = pa.schema([data.features.arrow_schema.field(c) for c in job.corpus.metadata_columns])
     with ShardWriter(out, shard, provenance) as writer:
         writer.write_batch("documents", document_columns(docs, windows, shard, stride), extra=extra)
         writer.write_batch("tokens", token_columns(docs, windows, lm.tokenizer))
