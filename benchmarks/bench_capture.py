@@ -24,7 +24,7 @@ from transformers import AutoModel, AutoTokenizer, BertConfig
 from pipeline.model import DTYPES, LoadedModel, builtin_model_dir, pick_device
 from pipeline.recipes import LayerAttention, validate_recipe
 from pipeline.reduce import apply_recipes, batch_masks, reduce_batch
-from pipeline.windows import Window
+from pipeline.windows import Window, collate
 
 RECIPE_SET = [{"name": "head_stats"}, {"name": "topk", "k": 8}, {"name": "topk", "k": 8, "per_head": False},
               {"name": "rollout", "k": 8}]
@@ -84,11 +84,7 @@ def main() -> None:
     sdpa = copy.deepcopy(net).to(device)
     sdpa.set_attn_implementation("sdpa")
     eager = net.to(device)
-    ids = torch.full((len(windows), args.seq), 0, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, w in enumerate(windows):
-        ids[i, : len(w)], mask[i, : len(w)] = torch.tensor(w.input_ids), 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = (t.to(device) for t in collate(windows, lm.pad_id))
 
     @torch.inference_mode()
     def run_sdpa():

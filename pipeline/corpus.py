@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import codecs
 import glob
-import json
+import itertools
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,9 +59,9 @@ def _has_rows(files: list[Path], fmt: str) -> bool:
     header = 1 if fmt == "csv" else 0  # a CSV with only its header line has no rows
     for f in files:
         with f.open("rb") as fh:
-            lines = sum(1 for line in fh if line.strip())
-        if lines > header:
-            return True
+            lines = (line for line in fh if line.strip())
+            if next(itertools.islice(lines, header, None), None) is not None:  # reads a few lines only
+                return True
     return False
 
 
@@ -68,9 +69,9 @@ def _load_files(files: list[Path], fmt: str) -> datasets.Dataset:
     if fmt in ("text", "json", "csv"):
         for f in files:
             check_utf8(f)
+    if not _has_rows(files, fmt):
+        raise CorpusError(f"corpus {files[0] if len(files) == 1 else files[0].parent} has no rows")
     try:
-        if not _has_rows(files, fmt):
-            raise CorpusError(f"corpus {files[0] if len(files) == 1 else files[0].parent} has no rows")
         kwargs = {"delimiter": "\t"} if fmt == "csv" and files[0].suffix.lower() == ".tsv" else {}
         return datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train", **kwargs)
     except (datasets.exceptions.DatasetGenerationError, pa.ArrowException, ValueError) as exc:

@@ -154,7 +154,7 @@ def load_model(name: str, *, base_dir: Path = Path("."), revision: str | None = 
     target = pick_device(device)  # fail on a bad device before spending time on loading
     source, local = resolve_source(name, base_dir)
     if local and not allow_pickle and not list(Path(source).glob("*.safetensors")):
-        pickles = sorted(p.name for p in Path(source).glob("*.bin")) + sorted(p.name for p in Path(source).glob("*.pt"))
+        pickles = sorted(p.name for p in Path(source).iterdir() if p.suffix in (".bin", ".pt"))
         if pickles:
             raise ModelError(f"model {source} has only pickle checkpoints ({', '.join(pickles)}), which can run "
                              "code when loaded; convert them to safetensors, or set model.allow_pickle = true "
