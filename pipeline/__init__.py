@@ -4,4 +4,4 @@ The data flows through the modules in this order:
 corpus -> windows/batches -> model capture -> recipes -> writer -> manifest.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

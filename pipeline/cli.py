@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 import textwrap
 
 import click
 
-from .errors import AttnpipeError
+from .errors import AttnpipeError, OutputError
 
 
 def command_boundary(fn):
@@ -44,23 +45,27 @@ def cli():
 @click.option("--model", "model_name", help="Model directory or hub name (model.name).")
 @click.option("--num-shards", type=click.IntRange(min=1), help="run.num_shards.")
 @click.option("--batch-tokens", type=click.IntRange(min=1), help="run.batch_tokens.")
+@click.option("--new-run", is_flag=True,
+              help="The job changed: write a new version (OUTPUT/v2, v3, ...) beside the old data.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @command_boundary
-def run(job_file, output, limit, device, dtype, model_name, num_shards, batch_tokens, quiet):
-    """Run JOB_FILE (TOML): corpus -> model -> recipes -> Parquet tables. Finished shards of an
-    earlier run of the same job are skipped."""
-    from .executor.local import run_job
+def run(job_file, output, limit, device, dtype, model_name, num_shards, batch_tokens, new_run, quiet):
+    """Run JOB_FILE (TOML): corpus -> model -> recipes -> Parquet tables. Each shard is committed
+    on its own; a rerun of the same job skips committed shards."""
     from .job import load_job
 
-    quiet_libraries()
-
+    # The job file is checked before torch, datasets or the model are imported.
     job = load_job(job_file, overrides={
         "run.output": output, "corpus.limit": limit, "run.device": device, "model.dtype": dtype,
         "model.name": model_name, "run.num_shards": num_shards, "run.batch_tokens": batch_tokens})
-    summary = run_job(job, quiet=quiet)
+    show_notes(quiet)
+    quiet_libraries()
+    from .executor.local import run_job
+
+    summary = run_job(job, quiet=quiet, new_run=new_run)
     if not quiet:
         t = summary.totals
-        skipped = f", {len(summary.shards_skipped)} already done" if summary.shards_skipped else ""
+        skipped = f", {len(summary.shards_skipped)} already committed" if summary.shards_skipped else ""
         click.echo(f"wrote {summary.output}: {len(summary.shards_run)} shards run{skipped}; "
                    f"{t['documents']} documents ({t['empty_documents']} empty), {t['windows']} windows, "
                    f"{t['tokens']} tokens")
@@ -90,14 +95,14 @@ def recipes():
 @command_boundary
 def schema(table, as_json):
     """Show the declared schema of TABLE (all tables without an argument)."""
-    from .schema import load_schemas, table_schema
+    from .store.schema import load_schemas, table_schema
 
     chosen = [table_schema(table)] if table else list(load_schemas().values())
     for s in chosen:
         if as_json:
             click.echo(json.dumps({"table": s.name, "version": s.version, "columns": list(s.columns)}, indent=2))
             continue
-        part = f", partitioned by {', '.join(s.partition_by)}" if s.partitioned else ""
+        part = ", one folder per layer (layer-NNN)" if s.layer_folders else ""
         click.echo(click.style(f"{s.name}", bold=True) + f" (v{s.version}{part}): {s.description}")
         for c in s.columns:
             click.echo(f"    {c['name']:<14} {c['type']:<14} {c['description']}")
@@ -114,6 +119,59 @@ def inspect(output, as_json):
 
     s = summarize(output)
     click.echo(json.dumps(s, indent=2, default=str) if as_json else format_summary(s))
+
+
+@cli.command()
+@click.argument("output", type=click.Path(file_okay=False))
+@command_boundary
+def verify(output):
+    """Check every committed file of OUTPUT against its commit record (presence, size, sha256,
+    rows, schema) and list files no record accounts for. Exits 1 on any mismatch."""
+    from .store.verify import verify as run_verify
+
+    report = run_verify(output)
+    for line in report.problems:
+        click.echo(f"damaged: {line}")
+    for line in report.strays:
+        click.echo(f"stray:   {line}")
+    click.echo(f"{output}: {report.checked} committed files checked, {len(report.problems)} damaged, "
+               f"{len(report.strays)} stray")
+    if not report.ok:
+        raise SystemExit(1)
+
+
+@cli.command()
+@click.argument("output", type=click.Path(file_okay=False))
+@click.argument("table", required=False)
+@command_boundary
+def files(output, table):
+    """Print the committed files of OUTPUT (of TABLE only, if given), one path per line: the
+    way for outside readers to see committed data only, e.g. DuckDB's read_parquet([...])."""
+    from .store import committed_files, read_records
+    from .store.dataset import check_format
+    from .store.schema import table_schema
+
+    check_format(output)
+    if table:
+        table_schema(table)
+    if not read_records(output):
+        raise OutputError(f"{output} has no commit records: not an attnpipe output, or nothing committed yet")
+    for path in committed_files(output, table):
+        click.echo(str(path))
+
+
+class _NoteHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        kind = "warning" if record.levelno >= logging.WARNING else "note"
+        click.echo(f"{kind}: {record.getMessage()}", err=True)
+
+
+def show_notes(quiet: bool) -> None:
+    """The library's notes and warnings (logger 'attnpipe') go to stderr as one line each."""
+    log = logging.getLogger("attnpipe")
+    log.handlers[:] = [_NoteHandler()]
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
 
 
 def quiet_libraries() -> None:

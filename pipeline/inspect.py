@@ -1,49 +1,63 @@
-"""Summaries of an output directory: tables, row counts, layers and heads, provenance."""
+"""Summaries of an output directory, read from its commit records: tables, row counts, layers,
+heads, provenance. Files are listed from the records, never by globbing the folders."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pyarrow.dataset as pads
 
 from .errors import OutputError
-from .paths import manifest_path
-from .schema import load_schemas
+from .store import paths
+from .store.commit import committed_files, read_records
+from .store.dataset import check_format, read_info, versions
+from .store.schema import load_schemas
 
 
-def open_table(out: Path, table: str) -> pads.Dataset:
-    """A table of an output directory as a pyarrow dataset (hive-partitioned by layer)."""
-    folder = Path(out) / table
-    if not folder.is_dir():
-        raise OutputError(f"{out} has no table {table!r}")
-    return pads.dataset(folder, format="parquet", partitioning="hive")
+def open_table(out: Path, table: str, records: dict | None = None) -> pads.Dataset:
+    """The committed files of one table as a pyarrow dataset (`layer` is a column)."""
+    files = [str(f) for f in committed_files(out, table, records)]
+    if not files:
+        raise OutputError(f"{out} has no committed rows of table {table!r}")
+    return pads.dataset(files, format="parquet")
 
 
 def summarize(out: Path) -> dict:
     out = Path(out)
-    path = manifest_path(out)
-    if not path.is_file():
-        raise OutputError(f"{out} is not an attnpipe output directory (no {path.name})")
-    manifest = json.loads(path.read_text())
-    tables = {}
+    if not out.is_dir():
+        raise OutputError(f"{out} is not a folder")
+    check_format(out)
+    info, records = read_info(out), read_records(out)
+    if info is None and not records:
+        raise OutputError(f"{out} is not an attnpipe output directory (no {paths.DATASET} and no commit records)")
+    recipes = (info or {}).get("job", {}).get("recipes", [])
+    tables, missing = {}, []
     for name, schema in load_schemas().items():
-        if not (out / name).is_dir():
+        files = [f for r in records.values() for f in r["files"] if f["table"] == name]
+        if not files:
             continue
-        ds = open_table(out, name)
-        info = {"rows": ds.count_rows(), "files": len(ds.files), "schema_version": schema.version}
-        cols = ds.schema.names
-        if "layer" in cols:
-            info["layers"] = sorted(set(ds.to_table(columns=["layer"]).column("layer").unique().to_pylist()))
-        if "head" in cols:
-            info["heads"] = sorted(set(ds.to_table(columns=["head"]).column("head").unique().to_pylist()))
-        if "recipe" in cols:
-            info["recipes"] = sorted(set(ds.to_table(columns=["recipe"]).column("recipe").unique().to_pylist()))
-        tables[name] = info
-    shards = manifest.get("shards", {})
-    return {"output": str(out), "status": manifest.get("status"), "job": manifest["job"].get("name"),
-            "shards": f"{len(shards)}/{manifest.get('num_shards', '?')} complete",
-            "tables": tables, "provenance": manifest.get("provenance", {})}
+        gone = [f["path"] for f in files if not (out / f["path"]).is_file()]
+        missing += gone
+        t = {"rows": sum(f["rows"] for f in files), "files": len(files), "schema_version": schema.version}
+        layers = sorted({f["layer"] for f in files if f["layer"] is not None})
+        if layers:
+            t["layers"] = layers
+        names = sorted({recipes[f["recipe"]]["name"] for f in files
+                        if f["recipe"] is not None and f["recipe"] < len(recipes)})
+        if names:
+            t["recipes"] = names
+        if "head" in schema.column_names and not gone:
+            heads = pads.dataset([str(out / f["path"]) for f in files], format="parquet").to_table(columns=["head"])
+            t["heads"] = sorted(heads.column("head").unique().to_pylist())
+        tables[name] = t
+    num_shards = (info or {}).get("job", {}).get("run", {}).get("num_shards", "?")
+    latest = max(records.values(), key=lambda r: r.get("committed_at", ""), default={})
+    status = "complete" if isinstance(num_shards, int) and len(records) >= num_shards else "partial"
+    root_versions = versions(out)
+    return {"output": str(out), "status": "damaged" if missing else status,
+            "job": (info or {}).get("job", {}).get("name"), "shards": f"{len(records)}/{num_shards} committed",
+            "missing_files": missing, "tables": tables, "provenance": latest.get("provenance", {}),
+            "versions": [str(paths.version_dir(out, v)) for v in root_versions if v > 1]}
 
 
 def _compact(values: list) -> str:
@@ -53,17 +67,23 @@ def _compact(values: list) -> str:
 
 
 def format_summary(s: dict) -> str:
-    lines = [f"{s['output']}: job {s['job']!r}, {s['status']}, shards {s['shards']}", "tables:"]
+    lines = [f"{s['output']}: job {s['job']!r}, {s['status']}, shards {s['shards']}"]
+    if s["missing_files"]:
+        lines.append(f"  {len(s['missing_files'])} committed files are missing (first: {s['missing_files'][0]}); "
+                     "run 'attnpipe verify' for details, and rerun the job to rewrite those shards")
+    lines.append("tables:")
     for name, t in s["tables"].items():
         extra = "".join(f", {k} {_compact(t[k])}" for k in ("layers", "heads", "recipes") if k in t)
         lines.append(f"  {name:<11} {t['rows']:>10,} rows in {t['files']} files (schema v{t['schema_version']}){extra}")
     p = s["provenance"]
     if p:
         lines.append("provenance:")
-        for key in ("model", "source", "revision", "weights_sha256", "tokenizer", "dtype",
+        for key in ("model", "source", "revision", "weights_sha256", "tokenizer", "dtype", "weight_dtype",
                     "attention_backend", "causal", "num_layers", "num_heads", "window_length", "stride"):
             if key in p:
                 lines.append(f"  {key:<18} {p[key]}")
         lines.append("  recipes            " + ", ".join(f"{k} v{v}" for k, v in p.get("recipes", {}).items()))
         lines.append("  versions           " + ", ".join(f"{k} {v}" for k, v in p.get("versions", {}).items()))
+    if s["versions"]:
+        lines.append("later versions: " + ", ".join(s["versions"]))
     return "\n".join(lines)

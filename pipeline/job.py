@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from . import __version__
 from .errors import JobError
-from .recipes import RECIPES, validate_recipe
+from .recipes import RECIPES, recipe_id, validate_recipe
+from .store.paths import FORMAT_VERSION
+from .store.schema import SCHEMA_VERSION, load_schemas
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a job name is a folder name under out/
 
 
 class _Section(BaseModel):
@@ -56,6 +62,14 @@ class RunSpec(_Section):
     batch_tokens: int = Field(default=8192, ge=1)
     device: str = "auto"
     progress: bool = True
+    # Storage precision of attention weights: float16 keeps 3 significant digits, plenty for
+    # analysis, at half the bytes; float32 on request.
+    weight_dtype: Literal["float16", "float32"] = "float16"
+    # Rows wait in memory before they are written; this caps them, whatever the shard's size.
+    buffer_mb: int = Field(default=64, ge=1)
+    # A lock not renewed for this many seconds belongs to a dead run (on another host) and is
+    # taken over; the holder renews it every lease/4 seconds.
+    lock_lease: float = Field(default=900.0, gt=0)
 
     @field_validator("device")
     @classmethod
@@ -83,13 +97,40 @@ class JobSpec(_Section):
         p = Path(path).expanduser()
         return p if p.is_absolute() else Path(self.base_dir) / p
 
+    def fingerprint_parts(self) -> dict[str, Any]:
+        """Everything that changes the output, versions included, with paths made absolute so
+        that the same job named from another folder has the same fingerprint. Not the name,
+        output folder, device, batch size or progress settings."""
+        corpus = self.corpus.model_dump()
+        if self.corpus.format != "hub" and not _hub_like(self.corpus.path, self.resolve(self.corpus.path)):
+            corpus["path"] = str(self.resolve(self.corpus.path).resolve())
+        model = self.model.model_dump()
+        if self.resolve(self.model.name).exists():
+            model["name"] = str(self.resolve(self.model.name).resolve())
+        return {"corpus": corpus, "model": model,
+                "run": {"num_shards": self.run.num_shards, "weight_dtype": self.run.weight_dtype},
+                "recipes": [{**r, "version": RECIPES[r["name"]].version} for r in self.recipes],
+                "versions": {"attnpipe": __version__, "format": FORMAT_VERSION, "schema": SCHEMA_VERSION}}
+
     def fingerprint(self) -> str:
-        """Hash of everything that changes the output (not the output dir, device or progress)."""
-        data = self.model_dump(exclude={"base_dir", "description"})
-        data["run"] = {k: v for k, v in data["run"].items() if k in ("num_shards",)}
-        data["corpus"]["path"] = str(self.resolve(self.corpus.path)) if self.corpus.format != "hub" else self.corpus.path
-        blob = json.dumps(data, sort_keys=True, default=str)
+        blob = json.dumps(self.fingerprint_parts(), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _hub_like(name: str, local: Path) -> bool:
+    return not local.exists() and name.count("/") == 1 and not name.startswith((".", "/", "~"))
+
+
+def fingerprint_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key: old -> new' for every leaf that differs between two fingerprint_parts()."""
+    changes = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b, name = old.get(key), new.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += fingerprint_diff(a, b, name + ".")
+        elif a != b:
+            changes.append(f"{name}: {json.dumps(a, default=str)} -> {json.dumps(b, default=str)}")
+    return changes
 
 
 def _format_error(source: str, err: dict) -> str:
@@ -139,13 +180,35 @@ def build_job(data: dict, source: str = "job", base_dir: str | Path = ".",
         job = JobSpec.model_validate(data)
     except ValidationError as exc:
         raise JobError(_format_error(source, exc.errors()[0])) from None
+    if not NAME.match(job.name):
+        raise JobError(f"{source}: 'name' {job.name!r} must be a plain folder name (letters, digits, "
+                       "'.', '_', '-', not starting with '.' or '-'); it names the default output out/<name>")
     if not job.recipes:
         raise JobError(f"{source}: 'recipes' is empty; name at least one of: {', '.join(RECIPES)}")
     job.recipes = [validate_recipe(r, f"{source}: recipes[{i}]") for i, r in enumerate(job.recipes)]
+    seen: dict[str, int] = {}
+    for i, r in enumerate(job.recipes):
+        first = seen.setdefault(recipe_id(r), i)
+        if first != i:
+            raise JobError(f"{source}: recipes[{i}] repeats recipes[{first}] ({recipe_id(r)}), which "
+                           "would store every row twice; remove one or change its parameters")
+    _check_metadata_columns(job.corpus, source)
     if job.model.max_length is not None and job.model.stride >= job.model.max_length - 2:
         raise JobError(f"{source}: 'model.stride' ({job.model.stride}) must be smaller than "
                        f"model.max_length - 2 ({job.model.max_length - 2})")
     return job
+
+
+def _check_metadata_columns(corpus: CorpusSpec, source: str) -> None:
+    reserved = load_schemas()["documents"].column_names
+    seen = set()
+    for col in corpus.metadata_columns:
+        if col in seen:
+            raise JobError(f"{source}: 'corpus.metadata_columns' names {col!r} twice; list each column once")
+        if col in reserved:
+            raise JobError(f"{source}: 'corpus.metadata_columns': {col!r} is a column of the documents "
+                           f"table ({', '.join(reserved)}); metadata columns must have other names")
+        seen.add(col)
 
 
 def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobSpec:

@@ -17,12 +17,17 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerFast
 
-from . import capture
-from .errors import ModelError
+from . import capture, hub
+from .errors import JobError, ModelError
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 BUILTIN_NAMES = {DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Without one of these a folder still "loads": transformers builds an empty vocabulary and every
+# token becomes [UNK], which runs to the end and writes garbage.
+TOKENIZER_FILES = ("tokenizer.json, or vocab.txt, or vocab.json + merges.txt, or a sentencepiece "
+                   "model (tokenizer.model, spiece.model, sentencepiece.bpe.model, ...)")
+PROBE = "The quick brown fox jumps over the lazy dog."
 
 
 def builtin_model_dir() -> Path:
@@ -36,7 +41,17 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"run.device is {name!r} but CUDA is not available; use 'auto' or 'cpu'")
-    return torch.device(name)
+    index = name.partition(":")[2]
+    if name.startswith("cuda:") and index.isdigit() and int(index) >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ModelError(f"run.device is {name!r} but only {n} CUDA device(s) are visible "
+                         f"(cuda:0 to cuda:{n - 1}); use auto, cuda or one of those")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ModelError("run.device is 'mps' but MPS is not available; use auto or cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ModelError(f"run.device: {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
 
 
 def resolve_source(name: str, base_dir: Path) -> tuple[str, bool]:
@@ -46,14 +61,34 @@ def resolve_source(name: str, base_dir: Path) -> tuple[str, bool]:
     local = Path(name).expanduser()
     local = local if local.is_absolute() else base_dir / local
     if local.exists():
+        if not local.is_dir():
+            raise ModelError(f"model path {local} is a file; expected a folder written by save_pretrained()")
         if not (local / "config.json").is_file():
             raise ModelError(f"model directory {local} has no config.json; expected a directory "
                              "written by save_pretrained()")
         return str(local), True
-    looks_like_hub = name.count("/") <= 1 and not name.startswith((".", "/", "~"))
-    if not looks_like_hub:
-        raise ModelError(f"model path does not exist: {local}")
+    if hub.is_local_only(name, base_dir):
+        raise ModelError(f"model path does not exist: {hub.local_path(name, base_dir)}")
     return name, False
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    names = {p.name for p in folder.iterdir()}
+    return ("tokenizer.json" in names or "vocab.txt" in names or {"vocab.json", "merges.txt"} <= names
+            or any(n.endswith((".model", ".spm", ".tiktoken")) for n in names))
+
+
+def _check_tokenizer(tokenizer, model: torch.nn.Module, name: str, source: str) -> None:
+    """Cheap sanity checks: a tokenizer that knows no word, or ids the model has no row for, only
+    show up later as [UNK] everywhere or an index error mid-run."""
+    ids = tokenizer(PROBE, add_special_tokens=False)["input_ids"]
+    if all(i in tokenizer.all_special_ids for i in ids):
+        raise ModelError(f"model {name!r}: its tokenizer turns {PROBE!r} into only unknown or special "
+                         f"tokens; the tokenizer files in {source} are missing or broken")
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ModelError(f"model {name!r}: the tokenizer has {len(tokenizer)} tokens but the model's "
+                         f"embedding has only {rows} rows; the tokenizer does not belong to this model")
 
 
 def _versions() -> dict[str, str]:
@@ -130,6 +165,24 @@ class LoadedModel:
                   getattr(self.model.config, "n_positions", None), self.tokenizer.model_max_length]
         return min(x for x in limits + [4096] if isinstance(x, int) and x > 0)
 
+    def check_window(self, max_length: int | None, stride: int) -> int:
+        """The window length for the job's model.max_length (None: the model's own maximum),
+        checked against the model and against model.stride. Raises JobError."""
+        window = self.max_length if max_length is None else max_length
+        if window > self.max_length:
+            raise JobError(f"model.max_length is {max_length} but model {self.name!r} takes at most "
+                           f"{self.max_length} tokens; use a value up to {self.max_length}, or leave it "
+                           "out for the model's maximum")
+        specials = self.tokenizer.num_special_tokens_to_add()
+        room = window - specials  # tokens of text per window
+        if room < 1:
+            raise JobError(f"model.max_length ({window}) leaves no room for text besides the model's "
+                           f"{specials} special tokens; use at least {specials + 2}")
+        if stride >= room:
+            raise JobError(f"model.stride ({stride}) must be smaller than the window's room for text "
+                           f"({room} tokens = window length {window} minus {specials} special tokens)")
+        return window
+
     @cached_property
     def sep_ids(self) -> set[int]:
         return {i for i in (self.tokenizer.sep_token_id, self.tokenizer.eos_token_id) if i is not None}
@@ -159,18 +212,24 @@ def load_model(name: str, *, base_dir: Path = Path("."), revision: str | None = 
             raise ModelError(f"model {source} has only pickle checkpoints ({', '.join(pickles)}), which can run "
                              "code when loaded; convert them to safetensors, or set model.allow_pickle = true "
                              "if you trust their source")
+    if local and not _has_tokenizer_files(Path(source)):
+        raise ModelError(f"model folder {source} has no tokenizer files; expected {TOKENIZER_FILES}; "
+                         "save them there with tokenizer.save_pretrained()")
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
     try:
-        AutoConfig.from_pretrained(source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True, **kwargs)
-        model = AutoModel.from_pretrained(source, dtype=DTYPES[dtype], attn_implementation=capture.BACKEND,
-                                          use_safetensors=None if allow_pickle else True, **kwargs)
+        with hub.honour_offline():
+            AutoConfig.from_pretrained(source, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True, **kwargs)
+            model = AutoModel.from_pretrained(source, dtype=DTYPES[dtype], attn_implementation=capture.BACKEND,
+                                              use_safetensors=None if allow_pickle else True, **kwargs)
     except (OSError, ValueError) as exc:
-        where = f"in {source}" if local else "locally, and the Hugging Face Hub could not provide it"
+        where = (f"in {source}" if local else f"locally (tried {hub.local_path(name, base_dir)}), "
+                 "and the Hugging Face Hub could not provide it")
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"model {name!r} could not be loaded {where}: {first}") from None
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise ModelError(f"model {name!r} has no fast tokenizer; attnpipe needs character offsets")
+    _check_tokenizer(tokenizer, model, name, source)
     provenance = {"source": source, "revision": revision or getattr(model.config, "_commit_hash", None)}
     if local:
         provenance["weights_sha256"] = _weights_hash(Path(source))

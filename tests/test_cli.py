@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from pipeline.cli import cli
 from pipeline.errors import AttnpipeError, JobError
 from pipeline.recipes import RECIPES
-from pipeline.schema import load_schemas
+from pipeline.store.schema import load_schemas
 
 from conftest import write_job
 

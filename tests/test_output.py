@@ -14,7 +14,7 @@ import pytest
 from pipeline import reduce as reduce_module
 from pipeline.executor.local import run_job
 from pipeline.job import load_job
-from pipeline.schema import load_schemas
+from pipeline.store.schema import load_schemas
 
 from conftest import write_job
 

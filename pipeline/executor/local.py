@@ -1,20 +1,29 @@
-"""Run a job in this process: shards one after another, skipping finished ones."""
+"""Run a job in this process: shards one after another, each committed on its own.
+
+The executor chooses the output version, takes the output's lock, cleans up what killed runs
+left, refuses a corpus or model that changed under committed shards, then runs the step for
+every shard that has no commit record. It never touches rows.
+"""
 
 from __future__ import annotations
 
+import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from ..corpus import open_corpus, shard_of
-from ..errors import JobError
+from .. import faults
+from ..corpus import Corpus
+from ..errors import OutputError
 from ..job import JobSpec
-from ..manifest import Manifest
-from ..model import load_model
-from ..recipes import RECIPES
-from ..schema import load_schemas
-from ..shard import run_shard, window_length
+from ..runtime import Runtime, open_job_corpus
+from ..shard import run_shard
+from ..store.dataset import choose_output, recover, write_info, write_manifest
+from ..store.lock import OutputLock
+
+log = logging.getLogger("attnpipe")
 
 
 @dataclass
@@ -23,55 +32,89 @@ class RunSummary:
     shards_run: list[int]
     shards_skipped: list[int]
     totals: dict
+    repeated_texts: int = 0
 
 
-def provenance_of(job: JobSpec, lm) -> dict:
-    return {**lm.provenance, "job": job.name, "job_fingerprint": job.fingerprint(),
-            "window_length": window_length(job, lm), "stride": job.model.stride,
-            "recipes": {r["name"]: RECIPES[r["name"]].version for r in job.recipes},
-            "schemas": {name: s.version for name, s in load_schemas().items()}}
+def check_inputs(out: Path, records: dict[int, dict], corpus: Corpus, num_shards: int) -> None:
+    """Refuse to add shards beside committed ones whose documents have changed since."""
+    for shard, record in sorted(records.items()):
+        now = corpus.shard(num_shards, shard).fingerprint
+        if record.get("inputs") != now:
+            raise OutputError(f"the corpus changed since shard {shard} of {out} was committed (its documents or "
+                              "their texts differ); rerun with --new-run to write a new version beside the old "
+                              "data, or choose another --output")
 
 
-def check_windowing(job: JobSpec, lm) -> None:
-    room = window_length(job, lm) - lm.tokenizer.num_special_tokens_to_add()
-    if job.model.stride >= room:
-        raise JobError(f"model.stride ({job.model.stride}) must be smaller than the window's room "
-                       f"for text ({room} tokens = max_length minus special tokens)")
+def check_weights(out: Path, records: dict[int, dict], rt: Runtime) -> None:
+    for shard, record in sorted(records.items()):
+        if record.get("weights") != rt.weights_id:
+            raise OutputError(f"the model's weights changed since shard {shard} of {out} was committed "
+                              f"({str(record.get('weights'))[:12]}... then, {str(rt.weights_id)[:12]}... now); rerun "
+                              "with --new-run to write a new version beside the old data, or choose another --output")
 
 
-def run_job(job: JobSpec, quiet: bool = False, lm=None) -> RunSummary:
-    out = job.output_dir()
-    manifest = Manifest.open(out, job.model_dump(), job.fingerprint())
-    corpus = open_corpus(job.corpus, Path(job.base_dir))
+class _Progress:
+    """A token bar with an ETA: the total is estimated from the characters still to read."""
+
+    def __init__(self, job: JobSpec, corpus: Corpus, todo: list[int], device: str, quiet: bool):
+        shards = [corpus.shard(job.run.num_shards, s) for s in todo]
+        self.docs = sum(len(s.rows) for s in shards)
+        self.chars_total = int(sum(int(s.chars.sum()) for s in shards))
+        self.chars = self.tokens = self.done = 0
+        self.bar = tqdm(total=max(self.chars_total // 4, 1), unit="tok", unit_scale=True, dynamic_ncols=True,
+                        disable=quiet or not job.run.progress, desc=f"{job.name} ({device})")
+
+    def __call__(self, docs: int, tokens: int, chars: int) -> None:
+        self.done += docs
+        self.tokens += tokens
+        self.chars += chars
+        if self.chars:
+            ratio = self.tokens / self.chars
+            self.bar.total = max(int(self.tokens + (self.chars_total - self.chars) * ratio), self.tokens, 1)
+        self.bar.set_postfix_str(f"{self.done}/{self.docs} docs", refresh=False)
+        self.bar.update(tokens)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_job(job: JobSpec, quiet: bool = False, lm=None, new_run: bool = False) -> RunSummary:
+    root = job.output_dir()
+    parts, fingerprint = job.fingerprint_parts(), job.fingerprint()
+    out = choose_output(root, fingerprint, parts, new_run)
+    corpus = open_job_corpus(job)  # a bad corpus fails here, before anything is created
+    if corpus.repeated_texts and not job.corpus.id_column:
+        log.info("%d documents repeat the text of an earlier one; their ids end in -2, -3, ... "
+                 "(documents.occurrence > 1)", corpus.repeated_texts)
+    created = [p for p in [out, *out.parents] if not p.exists()]
     n = job.run.num_shards
-    todo = [s for s in range(n) if not manifest.complete(s)]
-    skipped = [s for s in range(n) if manifest.complete(s)]
-    if todo:
-        lm = lm or load_model(job.model.name, base_dir=Path(job.base_dir), revision=job.model.revision,
-                              dtype=job.model.dtype, device=job.run.device,
-                              trust_remote_code=job.model.trust_remote_code,
-                              allow_pickle=job.model.allow_pickle)
-        check_windowing(job, lm)
-        provenance = provenance_of(job, lm)
-        manifest.data["provenance"] = provenance
-        manifest.data["num_shards"] = n
-        manifest.save()
-        done_docs = sum(manifest.data["shards"][str(s)]["documents"] for s in skipped)
-        bar = tqdm(total=len(corpus), initial=done_docs, unit="doc", disable=quiet or not job.run.progress,
-                   desc=f"{job.name} ({lm.device})", dynamic_ncols=True)
-        tokens = [0]
-
-        def progress(docs: int, toks: int) -> None:
-            tokens[0] += toks
-            rate = tokens[0] / max(bar.format_dict["elapsed"], 1e-9)
-            bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
-            bar.update(docs)
-
-        try:
-            for s in todo:
-                manifest.record(s, run_shard(job, s, shard_of(corpus, n, s), lm, out, provenance, progress))
-        finally:
-            bar.close()
-    manifest.data["status"] = "complete"
-    manifest.save()
-    return RunSummary(out, todo, skipped, manifest.totals())
+    ran, committed = [], {}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with OutputLock(out, job.run.lock_lease) as lock:
+            committed = recover(out)
+            check_inputs(out, committed, corpus, n)
+            todo = [s for s in range(n) if s not in committed]
+            if todo:
+                rt = Runtime.build(job, corpus, lm)
+                faults.point("load")
+                check_weights(out, committed, rt)
+                write_info(out, job.model_dump(), fingerprint, parts)
+                progress = _Progress(job, corpus, todo, str(rt.model.device), quiet)
+                try:
+                    for shard in todo:
+                        lock.check()
+                        run_shard(job, shard, rt, out, progress)
+                        ran.append(shard)
+                        write_manifest(out, n)
+                finally:
+                    progress.close()
+                faults.point("last")
+            manifest = write_manifest(out, n)
+    except OSError as exc:
+        raise OutputError(f"cannot write to {out}: {exc.strerror or exc} (errno {exc.errno}); "
+                          "shards committed before this are kept, and a rerun continues from them") from None
+    finally:
+        if created and not committed and not ran:
+            shutil.rmtree(created[-1], ignore_errors=True)  # this run made the folder and committed nothing
+    return RunSummary(out, ran, sorted(committed), manifest["totals"], corpus.repeated_texts)

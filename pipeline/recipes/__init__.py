@@ -6,18 +6,25 @@ the Parquet metadata and the manifest so old and new data are never mixed up sil
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import RecipeError
-from .attention import HEAD_MEAN, BatchMasks, LayerAttention
-from .dense import dense
-from .head_stats import head_stats
-from .masks import threshold, topk, topp
-from .rollout import rollout
+
+# The registry itself needs no torch: checking a job file (names, parameters) stays fast. The
+# recipe functions and the tensor types are imported on first use.
+_LAZY = {"HEAD_MEAN": ".attention", "BatchMasks": ".attention", "LayerAttention": ".attention"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _Params(BaseModel):
@@ -55,11 +62,16 @@ class DenseParams(_Params):
 @dataclass(frozen=True)
 class Recipe:
     name: str
-    fn: Callable
+    target: str  # "module:function", the module relative to this package; imported on first use
     table: str
     params: type[_Params]
     version: int
     stateful: bool = False  # rollout carries its product from one layer to the next
+
+    @cached_property
+    def fn(self) -> Callable:
+        module, _, function = self.target.partition(":")
+        return getattr(importlib.import_module(module, __name__), function)
 
     @property
     def doc(self) -> str:
@@ -67,12 +79,12 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
-    Recipe("head_stats", head_stats, "head_stats", NoParams, 1),
-    Recipe("topk", topk, "edges", TopkParams, 1),
-    Recipe("threshold", threshold, "edges", ThresholdParams, 1),
-    Recipe("topp", topp, "edges", ToppParams, 1),
-    Recipe("rollout", rollout, "rollout", RolloutParams, 1, stateful=True),
-    Recipe("dense", dense, "maps", DenseParams, 1),
+    Recipe("head_stats", ".head_stats:head_stats", "head_stats", NoParams, 1),
+    Recipe("topk", ".masks:topk", "edges", TopkParams, 1),
+    Recipe("threshold", ".masks:threshold", "edges", ThresholdParams, 1),
+    Recipe("topp", ".masks:topp", "edges", ToppParams, 1),
+    Recipe("rollout", ".rollout:rollout", "rollout", RolloutParams, 1, stateful=True),
+    Recipe("dense", ".dense:dense", "maps", DenseParams, 1),
 ]}
 
 

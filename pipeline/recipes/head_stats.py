@@ -46,6 +46,6 @@ def head_stats(att: LayerAttention) -> dict[str, torch.Tensor]:
     batch, heads = p.shape[:2]
     cols = {"batch_index": torch.arange(batch, device=p.device).repeat_interleave(heads),
             "head": torch.arange(heads, device=p.device).repeat(batch),
-            "n_tokens": m.lengths.repeat_interleave(heads)}
+            "window_tokens": m.lengths.repeat_interleave(heads)}
     cols.update({name: _mean_over_queries(v, att).reshape(-1) for name, v in per_query.items()})
     return cols

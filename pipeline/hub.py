@@ -1,0 +1,56 @@
+"""Local path or Hugging Face Hub name: one rule for corpus paths and model names.
+
+A typo in a local path must be reported as a missing local file, not as a failed hub download
+after half a minute of retries.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+LOCAL_SUFFIXES = (".txt", ".text", ".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet")
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+def local_path(name: str, base_dir: Path) -> Path:
+    """Where `name` points on disk: ~ expanded, relative names resolved against base_dir."""
+    path = Path(name).expanduser()
+    return (path if path.is_absolute() else Path(base_dir) / path).absolute()
+
+
+def is_local_only(name: str, base_dir: Path) -> bool:
+    """True when `name` can only mean a local path: a file suffix, a leading . / ~ or \\, more
+    than one '/', or a first component that is a folder here. Hub names are `repo` or `org/repo`."""
+    if Path(name).suffix.lower() in LOCAL_SUFFIXES or name.startswith((".", "/", "~", "\\")):
+        return True
+    if name.count("/") > 1 or "\\" in name:
+        return True
+    first = name.split("/")[0]
+    return bool(first) and ((Path(base_dir) / first).is_dir() or Path(first).is_dir())
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE / HF_DATASETS_OFFLINE) as set now."""
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+    return any(os.environ.get(n, "").strip().upper() in _TRUE for n in names)
+
+
+@contextmanager
+def honour_offline():
+    """huggingface_hub and datasets read HF_HUB_OFFLINE once, at import: a variable set later
+    (a test, a notebook) is ignored and every hub lookup waits on ~25 s of retries to fail.
+    While this is active, their flags follow the environment as it is now."""
+    modules = [sys.modules.get(m) for m in ("huggingface_hub.constants", "datasets.config")]
+    modules = [m for m in modules if m is not None and hasattr(m, "HF_HUB_OFFLINE")]
+    saved = [m.HF_HUB_OFFLINE for m in modules]
+    if offline():
+        for m in modules:
+            m.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        for m, value in zip(modules, saved):
+            m.HF_HUB_OFFLINE = value

@@ -1,0 +1,54 @@
+"""What a worker builds once per job and keeps for every shard it runs: the opened corpus with
+its doc ids, the model and tokenizer, the window length, and the provenance stored with the data.
+
+Built by the local executor today and by each Dask worker later; nothing here knows which.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .corpus import Corpus, open_corpus
+from .job import JobSpec
+from .model import LoadedModel, load_model
+from .recipes import RECIPES
+from .store.schema import load_schemas
+
+
+def open_job_corpus(job: JobSpec) -> Corpus:
+    return Corpus(open_corpus(job.corpus, Path(job.base_dir)), job.corpus)
+
+
+def load_job_model(job: JobSpec) -> LoadedModel:
+    m = job.model
+    return load_model(m.name, base_dir=Path(job.base_dir), revision=m.revision, dtype=m.dtype,
+                      device=job.run.device, trust_remote_code=m.trust_remote_code,
+                      allow_pickle=m.allow_pickle)
+
+
+@dataclass
+class Runtime:
+    job: JobSpec
+    corpus: Corpus
+    model: LoadedModel
+    window_length: int
+    provenance: dict
+
+    @classmethod
+    def build(cls, job: JobSpec, corpus: Corpus | None = None, model: LoadedModel | None = None) -> "Runtime":
+        corpus = corpus or open_job_corpus(job)
+        model = model or load_job_model(job)
+        window = model.check_window(job.model.max_length, job.model.stride)
+        provenance = {**model.provenance, "job": job.name, "job_fingerprint": job.fingerprint(),
+                      "window_length": window, "stride": job.model.stride,
+                      "weight_dtype": job.run.weight_dtype,
+                      "recipes": {r["name"]: RECIPES[r["name"]].version for r in job.recipes},
+                      "schemas": {name: s.version for name, s in load_schemas().items()}}
+        return cls(job, corpus, model, window, provenance)
+
+    @property
+    def weights_id(self) -> str | None:
+        """What identifies the model's weights: their sha256 (local) or the hub revision."""
+        p = self.provenance
+        return p.get("weights_sha256") or p.get("revision")

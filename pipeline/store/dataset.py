@@ -1,0 +1,178 @@
+"""An output folder as a dataset: which version a job writes to, whether it may, and the
+clean-up of leftovers (only ever while holding the output's lock).
+
+`_dataset.json` says what the data in a folder is (the job and its fingerprint). A folder with
+no commit record yet holds nothing, so a corrected job may take it over; once a shard is
+committed, a job with another fingerprint is refused with what changed, and `--new-run` writes
+OUT/v2 (v3, ...) beside the old data, which stays readable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from .. import __version__
+from ..errors import OutputError
+from . import paths
+from .commit import read_records, remove_record, write_json_atomic
+
+log = logging.getLogger("attnpipe")
+
+
+def read_info(out: Path) -> dict | None:
+    path = Path(out) / paths.DATASET
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"{path} cannot be read ({exc}); move the folder away or choose another --output") from None
+
+
+def check_format(out: Path) -> None:
+    """Refuse folders written by attnpipe 0.1 (storage format 1), which had no commit records."""
+    manifest = Path(out) / paths.MANIFEST
+    if manifest.is_file() and not (Path(out) / paths.DATASET).exists():
+        try:
+            version = json.loads(manifest.read_text()).get("format_version", 1)
+        except (OSError, ValueError):
+            version = "unknown"
+        if version != paths.FORMAT_VERSION:
+            raise OutputError(f"{out} was written by attnpipe 0.1 (storage format {version}, schema v1); this "
+                              f"attnpipe reads and writes format {paths.FORMAT_VERSION} (schema v2): rerun the job "
+                              "into another --output, or with --new-run to write beside the old data")
+
+
+def versions(root: Path) -> list[int]:
+    """Versions present under an output folder: 1 is the folder itself, then v2, v3, ..."""
+    root = Path(root)
+    found = [1] if any((root / n).exists() for n in (paths.DATASET, paths.COMMITS, paths.MANIFEST)) else []
+    if root.is_dir():
+        found += sorted(int(m.group(1)) for p in root.iterdir()
+                        if p.is_dir() and (m := paths.VERSION_DIR.match(p.name)) and int(m.group(1)) > 1)
+    return found
+
+
+def choose_output(root: Path, fingerprint: str, parts: dict, new_run: bool) -> Path:
+    """The folder this job writes to: a version with the same fingerprint, else a new one where
+    asked (`new_run`) or where nothing was committed yet; otherwise refuse, naming what changed."""
+    from ..job import fingerprint_diff
+
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise OutputError(f"output path {root} is a file; choose a folder for --output / run.output")
+    present = versions(root)
+    if not present:
+        if root.is_dir() and any(p for p in root.iterdir() if not paths.VERSION_DIR.match(p.name)):
+            raise OutputError(f"{root} exists, is not empty and is not an attnpipe output; choose another --output")
+        return root
+    for v in sorted(present, reverse=True):
+        folder = paths.version_dir(root, v)
+        check_format(folder) if not new_run else None
+        info = read_info(folder)
+        if info and info.get("job_fingerprint") == fingerprint:
+            return folder
+    if new_run:
+        return paths.version_dir(root, max(present) + 1)
+    latest = paths.version_dir(root, max(present))
+    check_format(latest)
+    if not read_records(latest):
+        return latest  # nothing committed: a corrected job may take the folder over
+    info = read_info(latest) or {}
+    changes = fingerprint_diff(info.get("fingerprint_parts", {}), parts) or ["(fingerprint only)"]
+    shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+    raise OutputError(f"{latest} holds data of a different job ({shown}); rerun with --new-run to write "
+                      f"{paths.version_dir(root, max(present) + 1)} beside it (the old data stays readable), "
+                      "or choose another --output")
+
+
+def write_info(out: Path, job_dict: dict, fingerprint: str, parts: dict) -> None:
+    current = read_info(out)
+    if current and current.get("job_fingerprint") == fingerprint:
+        return
+    write_json_atomic(Path(out) / paths.DATASET, {
+        "format_version": paths.FORMAT_VERSION, "attnpipe_version": __version__,
+        "job_fingerprint": fingerprint, "fingerprint_parts": parts, "job": job_dict,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def _committed_names(records: dict[int, dict]) -> set[str]:
+    return {f["path"] for r in records.values() for f in r["files"]}
+
+
+def data_files(out: Path) -> list[Path]:
+    """Every file under the table folders (committed or not), for clean-up and verify."""
+    from .schema import load_schemas
+
+    found = []
+    for table in load_schemas():
+        folder = Path(out) / table
+        if folder.is_dir():
+            found += sorted(p for p in folder.rglob("*") if p.is_file())
+    return found
+
+
+def recover(out: Path) -> dict[int, dict]:
+    """Under the lock: delete what killed attempts left, un-commit shards whose files are gone
+    or damaged (they will be redone), and warn about files attnpipe did not write."""
+    out = Path(out)
+    shutil.rmtree(out / paths.STAGING, ignore_errors=True)
+    for tmp in (out / paths.COMMITS).glob(".*.tmp") if (out / paths.COMMITS).is_dir() else []:
+        tmp.unlink(missing_ok=True)
+    records = read_records(out)
+    for shard, record in sorted(records.items()):
+        damaged = [f["path"] for f in record["files"]
+                   if not (out / f["path"]).is_file() or (out / f["path"]).stat().st_size != f["bytes"]]
+        if damaged:
+            log.warning("shard %d of %s is damaged (%s %s); it will be written again", shard, out,
+                        damaged[0], "is missing or has the wrong size" if len(damaged) == 1
+                        else f"and {len(damaged) - 1} more files are missing or have the wrong size")
+            remove_record(out, shard)
+            del records[shard]
+    committed = _committed_names(records)
+    removed, strays = 0, []
+    for f in data_files(out):
+        rel = str(f.relative_to(out))
+        if rel in committed:
+            continue
+        if paths.DATA_FILE.match(f.name):
+            f.unlink()
+            removed += 1
+        else:
+            strays.append(rel)
+    if removed:
+        log.info("removed %d files of uncommitted attempts from %s", removed, out)
+    for rel in strays:
+        log.warning("stray file %s in %s was not written by attnpipe; attnpipe ignores it, but readers "
+                    "that glob the folder will read it", rel, out)
+    return records
+
+
+def manifest(out: Path, info: dict | None, records: dict[int, dict], num_shards: int) -> dict:
+    """The summary `_manifest.json`, derived from the records (a cache for people; never truth)."""
+    shards = {str(s): {k: r.get(k) for k in ("attempt", "committed_at", "documents", "empty_documents",
+                                             "repeated_texts", "windows", "tokens", "rows", "seconds")}
+              for s, r in sorted(records.items())}
+    totals: dict = {k: sum(r.get(k) or 0 for r in records.values())
+                    for k in ("documents", "empty_documents", "repeated_texts", "windows", "tokens")}
+    rows: dict[str, int] = {}
+    for r in records.values():
+        for table, n in r.get("rows", {}).items():
+            rows[table] = rows.get(table, 0) + n
+    totals["rows"] = dict(sorted(rows.items()))
+    latest = max(records.values(), key=lambda r: r.get("committed_at", ""), default={})
+    return {"format_version": paths.FORMAT_VERSION, "job": (info or {}).get("job"),
+            "job_fingerprint": (info or {}).get("job_fingerprint"), "num_shards": num_shards,
+            "status": "complete" if len(records) >= num_shards else "partial",
+            "committed": f"{len(records)}/{num_shards}", "shards": shards, "totals": totals,
+            "provenance": latest.get("provenance", {})}
+
+
+def write_manifest(out: Path, num_shards: int) -> dict:
+    data = manifest(out, read_info(out), read_records(out), num_shards)
+    write_json_atomic(Path(out) / paths.MANIFEST, data)
+    return data

@@ -1,0 +1,61 @@
+"""The one place that builds every key of an output directory: file and folder names.
+
+    OUT/_dataset.json                  what this dataset is: job, fingerprint (written at first commit)
+    OUT/_commits/shard-00000.json      a shard's completion record: the shard exists iff this exists
+    OUT/_manifest.json                 a summary derived from the records (never read back as truth)
+    OUT/_lock                          held by the run writing to OUT (host, pid, start time)
+    OUT/_staging/shard-00000-<attempt>/...   files of an attempt in progress
+    OUT/documents/shard-00000-<attempt>-0.parquet
+    OUT/edges/layer-003/shard-00000-<attempt>-r1-0.parquet   (r1: the job's recipe 1)
+    OUT/v2/...                         a later run of a changed job (`attnpipe run --new-run`)
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from pathlib import Path
+
+DATASET = "_dataset.json"
+MANIFEST = "_manifest.json"
+COMMITS = "_commits"
+STAGING = "_staging"
+LOCK = "_lock"
+FORMAT_VERSION = 2  # the layout above; version 1 (attnpipe 0.1) had no commit records
+
+# shard-00000-1a2b3c4d[-r2]-0.parquet: shard, attempt, recipe index, part
+DATA_FILE = re.compile(r"^shard-(\d{5})-([0-9a-f]{8})(?:-r(\d+))?-(\d+)\.parquet$")
+VERSION_DIR = re.compile(r"^v(\d+)$")
+
+
+def new_attempt() -> str:
+    return secrets.token_hex(4)
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}"
+
+
+def layer_folder(layer: int) -> str:
+    return f"layer-{layer:03d}"
+
+
+def data_file(table: str, shard: int, attempt: str, layer: int | None, recipe: int | None,
+              part: int) -> Path:
+    """Path of one data file, relative to the output directory."""
+    folder = Path(table) if layer is None else Path(table) / layer_folder(layer)
+    tag = "" if recipe is None else f"-r{recipe}"
+    return folder / f"{shard_name(shard)}-{attempt}{tag}-{part}.parquet"
+
+
+def staging_dir(out: Path, shard: int, attempt: str) -> Path:
+    return Path(out) / STAGING / f"{shard_name(shard)}-{attempt}"
+
+
+def record_path(out: Path, shard: int) -> Path:
+    return Path(out) / COMMITS / f"{shard_name(shard)}.json"
+
+
+def version_dir(out: Path, version: int) -> Path:
+    """Version 1 is the output folder itself; later runs of a changed job go to OUT/v2, v3, ..."""
+    return Path(out) if version == 1 else Path(out) / f"v{version}"

@@ -1,0 +1,71 @@
+"""Table schemas, declared in `schemas/*.json` with a version, never inferred from data.
+
+Weights (`weight`, `weights`) are declared with the type `weight`: float16 by default (plenty
+for analysis, half the bytes), float32 when the job sets `run.weight_dtype = "float32"`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import pyarrow as pa
+
+from ..errors import AttnpipeError
+
+SCHEMA_VERSION = 2  # every table's version; bumped together when the on-disk format changes
+WEIGHT_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
+_TYPES = {
+    "string": pa.string(), "bool": pa.bool_(), "int16": pa.int16(), "int32": pa.int32(),
+    "int64": pa.int64(), "float32": pa.float32(),
+}
+
+
+def _arrow_type(name: str, weight_dtype: str) -> pa.DataType:
+    if name == "weight":
+        return WEIGHT_TYPES[weight_dtype]
+    if name == "list<weight>":
+        return pa.list_(WEIGHT_TYPES[weight_dtype])
+    return _TYPES[name]
+
+
+def _schema_dir() -> Path:
+    packaged = Path(__file__).parent.parent / "_schemas"  # wheel install (pyproject force-include)
+    return packaged if packaged.is_dir() else Path(__file__).parents[2] / "schemas"
+
+
+@dataclass(frozen=True)
+class TableSchema:
+    name: str
+    version: int
+    description: str
+    columns: tuple[dict, ...]
+    layer_folders: bool  # one folder per layer (layer-000, ...); `layer` is also a column
+    sort_by: tuple[str, ...]  # order of rows inside a row group
+    row_group_by: tuple[str, ...]  # a row group never mixes values of these (cheap head filters)
+
+    @property
+    def column_names(self) -> list[str]:
+        return [c["name"] for c in self.columns]
+
+    def arrow(self, weight_dtype: str = "float16") -> pa.Schema:
+        return pa.schema([pa.field(c["name"], _arrow_type(c["type"], weight_dtype)) for c in self.columns])
+
+
+@lru_cache(maxsize=None)
+def load_schemas() -> dict[str, TableSchema]:
+    schemas = {}
+    for path in sorted(_schema_dir().glob("*.json")):
+        d = json.loads(path.read_text())
+        schemas[d["table"]] = TableSchema(d["table"], d["version"], d["description"], tuple(d["columns"]),
+                                          d["layer_folders"], tuple(d["sort_by"]), tuple(d["row_group_by"]))
+    return schemas
+
+
+def table_schema(name: str) -> TableSchema:
+    schemas = load_schemas()
+    if name not in schemas:
+        raise AttnpipeError(f"unknown table {name!r}; tables: {', '.join(schemas)}")
+    return schemas[name]

@@ -1,0 +1,225 @@
+"""The streaming shard writer: rows go to Parquet as they are produced.
+
+One open `pq.ParquetWriter` per (table, layer, recipe) in the attempt's staging folder, opened
+when its first rows arrive. Rows wait in a small buffer; a full buffer is sorted and written as
+row groups, one per `head` (so a filter on one head skips the others' row groups by their
+statistics), and a file is closed and a new part begun once it passes `max_file_bytes` (a closed
+file is always readable). Peak memory is the batch plus `buffer_bytes`, whatever the size of
+the shard or of one document.
+
+Rows reach the writer in doc_id order (the step walks each shard sorted by doc_id), so each
+flush covers a narrow doc_id range and a filter on one document skips most row groups too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import paths
+from .schema import table_schema
+
+# Encodings chosen by measurement on the demo corpus (benchmarks/bench_storage.py): positions
+# sorted within a query delta-encode to a few bits; strings (doc_id, recipe) are dictionary-encoded.
+DELTA_COLUMNS = ("query_pos", "key_pos", "position", "char_start", "char_end", "token_id")
+ZSTD_LEVEL = 3
+
+
+@dataclass
+class FileInfo:
+    """One committed file, as its completion record lists it."""
+
+    path: str  # relative to the output directory
+    table: str
+    layer: int | None
+    recipe: int | None
+    rows: int
+    bytes: int
+    sha256: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _TableWriter:
+    """Buffered rows of one (table, layer, recipe) and its current Parquet file."""
+
+    def __init__(self, owner: "ShardWriter", table: str, layer: int | None, recipe: int | None):
+        self.owner, self.table, self.layer, self.recipe = owner, table, layer, recipe
+        self.declared = table_schema(table)
+        self.buffer: list[pa.Table] = []
+        self.buffered_rows = self.buffered_bytes = 0
+        self.part = 0
+        self.writer: pq.ParquetWriter | None = None
+        self.rel: Path | None = None
+        self.rows_in_file = 0
+        self.files: list[FileInfo] = []
+
+    def add(self, data: pa.Table) -> None:
+        self.buffer.append(data)
+        self.buffered_rows += data.num_rows
+        self.buffered_bytes += data.nbytes
+
+    def flush(self) -> None:
+        if not self.buffered_rows:
+            return
+        data = pa.concat_tables(self.buffer)
+        self.buffer, self.buffered_rows, self.buffered_bytes = [], 0, 0
+        keys = [c for c in self.declared.row_group_by + self.declared.sort_by if c in data.column_names]
+        data = data.take(pc.sort_indices(data, sort_keys=[(k, "ascending") for k in keys]))
+        writer = self._open()
+        for piece in self._row_groups(data):
+            writer.write_table(piece, row_group_size=self.owner.row_group_rows)
+        self.rows_in_file += data.num_rows
+        if self.owner.staging.joinpath(self.rel).stat().st_size >= self.owner.max_file_bytes:
+            self.close()
+
+    def _row_groups(self, data: pa.Table):
+        """Slices of sorted `data`, one per value of the row_group_by columns."""
+        if not self.declared.row_group_by or data.num_rows == 0:
+            yield data
+            return
+        key = data.column(self.declared.row_group_by[0]).to_numpy()
+        starts = np.concatenate([[0], np.flatnonzero(key[1:] != key[:-1]) + 1])
+        for start, stop in zip(starts, np.append(starts[1:], len(key))):
+            yield data.slice(int(start), int(stop - start))
+
+    def _open(self) -> pq.ParquetWriter:
+        if self.writer is None:
+            o = self.owner
+            self.rel = paths.data_file(self.table, o.shard, o.attempt, self.layer, self.recipe, self.part)
+            target = o.staging / self.rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            schema = o.schema(self.table, self.recipe)
+            delta = [c for c in DELTA_COLUMNS if c in schema.names]
+            self.writer = pq.ParquetWriter(
+                target, schema, compression="zstd", compression_level=ZSTD_LEVEL,
+                use_dictionary=[c for c in schema.names if c not in delta],
+                column_encoding={c: "DELTA_BINARY_PACKED" for c in delta},
+                write_statistics=True, store_schema=False)
+            self.rows_in_file = 0
+        return self.writer
+
+    def close(self) -> None:
+        if self.writer is None:
+            return
+        self.writer.close()
+        self.writer = None
+        target = self.owner.staging / self.rel
+        fsync_file(target)
+        self.files.append(FileInfo(str(self.rel), self.table, self.layer, self.recipe, self.rows_in_file,
+                                   target.stat().st_size, sha256_of(target)))
+        self.part += 1
+
+
+class ShardWriter:
+    """Context manager for one attempt at one shard: `write_batch(...)` any number of times, then
+    `finalize()` -> the files, complete and fsynced, still in staging. Leaving the block with an
+    error deletes the attempt's staging folder; nothing of it was ever visible."""
+
+    def __init__(self, out: Path, shard: int, attempt: str, provenance: dict, *,
+                 weight_dtype: str = "float16", buffer_bytes: int = 64 << 20,
+                 flush_rows: int = 1 << 17, row_group_rows: int = 1 << 16,
+                 max_file_bytes: int = 256 << 20):
+        self.out, self.shard, self.attempt = Path(out), shard, attempt
+        self.staging = paths.staging_dir(self.out, shard, attempt)
+        self.provenance = json.dumps(provenance, sort_keys=True, default=str)
+        self.weight_dtype = weight_dtype
+        self.buffer_bytes, self.flush_rows = buffer_bytes, flush_rows
+        self.row_group_rows, self.max_file_bytes = row_group_rows, max_file_bytes
+        self.writers: dict[tuple, _TableWriter] = {}
+        self.extra: dict[str, pa.Schema] = {}
+        self.recipes: dict[int, tuple[str, str]] = {}  # recipe index -> (name, params) for metadata
+        self.files: list[FileInfo] = []
+
+    def __enter__(self) -> "ShardWriter":
+        self.staging.mkdir(parents=True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for w in self.writers.values():
+            if w.writer is not None:
+                try:
+                    w.writer.close()
+                except Exception:  # the disk may be full; the folder goes anyway
+                    pass
+        shutil.rmtree(self.staging, ignore_errors=True)
+        try:
+            self.staging.parent.rmdir()  # only when no other attempt is staging beside this one
+        except OSError:
+            pass
+
+    def schema(self, table: str, recipe: int | None = None) -> pa.Schema:
+        declared = table_schema(table)
+        schema = declared.arrow(self.weight_dtype)
+        for field in self.extra.get(table, []):
+            schema = schema.append(field)
+        meta = {"attnpipe.table": table, "attnpipe.schema_version": str(declared.version),
+                "attnpipe.provenance": self.provenance}
+        if recipe in self.recipes:  # every row of the file comes from this one recipe
+            meta["attnpipe.recipe"], meta["attnpipe.recipe_params"] = self.recipes[recipe]
+        return schema.with_metadata(meta)
+
+    def write_batch(self, table: str, columns: dict, layer: int | None = None,
+                    recipe: int | None = None, extra: pa.Schema | None = None) -> None:
+        """Add rows of `table`; `extra` declares passthrough columns beyond its schema."""
+        if extra is not None:
+            self.extra[table] = extra
+        if layer is not None:
+            columns = {**columns, "layer": np.full(_rows(columns), layer, dtype=np.int16)}
+        data = pa.Table.from_pydict(columns, schema=self.schema(table).remove_metadata())
+        key = (table, layer, recipe)
+        if key not in self.writers:
+            self.writers[key] = _TableWriter(self, table, layer, recipe)
+        writer = self.writers[key]
+        writer.add(data)
+        if writer.buffered_rows >= self.flush_rows:
+            writer.flush()
+        self._bound_memory()
+
+    def _bound_memory(self) -> None:
+        """Flush the largest buffers until all of them together fit `buffer_bytes`."""
+        total = sum(w.buffered_bytes for w in self.writers.values())
+        for w in sorted(self.writers.values(), key=lambda w: -w.buffered_bytes):
+            if total <= self.buffer_bytes:
+                break
+            total -= w.buffered_bytes
+            w.flush()
+
+    def finalize(self) -> list[FileInfo]:
+        """Flush and close every file; they are complete and fsynced, still in staging."""
+        for w in self.writers.values():
+            w.flush()
+            w.close()
+        self.files = sorted((f for w in self.writers.values() for f in w.files), key=lambda f: f.path)
+        return self.files
+
+
+def _rows(columns: dict) -> int:
+    first = next(iter(columns.values()))
+    return len(first)
