@@ -144,8 +144,9 @@ def _load_hub(name: str, split: str, tried: Path | None = None) -> datasets.Data
         with hub.honour_offline():
             return datasets.load_dataset(name, split=split)
     except Exception as exc:  # datasets raises many types for a missing/offline name
-        where = f"was not found locally (tried {tried}), and" if tried else "could not be read:"
-        raise CorpusError(f"corpus {name!r} {where} loading it from the Hugging Face Hub failed: "
+        where = f" was not found locally (tried {tried}), and" if tried else ":"
+        offline = " (HF_HUB_OFFLINE is set)" if hub.offline() else ""
+        raise CorpusError(f"corpus {name!r}{where} loading it from the Hugging Face Hub{offline} failed: "
                           f"{_first_line(exc)}") from None
 
 

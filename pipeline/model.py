@@ -85,7 +85,10 @@ def _check_tokenizer(tokenizer, model: torch.nn.Module, name: str, source: str) 
     if all(i in tokenizer.all_special_ids for i in ids):
         raise ModelError(f"model {name!r}: its tokenizer turns {PROBE!r} into only unknown or special "
                          f"tokens; the tokenizer files in {source} are missing or broken")
-    rows = model.get_input_embeddings().num_embeddings
+    try:
+        rows = model.get_input_embeddings().num_embeddings
+    except (AttributeError, NotImplementedError):  # an architecture without a plain embedding
+        return
     if len(tokenizer) > rows:
         raise ModelError(f"model {name!r}: the tokenizer has {len(tokenizer)} tokens but the model's "
                          f"embedding has only {rows} rows; the tokenizer does not belong to this model")
@@ -224,7 +227,7 @@ def load_model(name: str, *, base_dir: Path = Path("."), revision: str | None = 
                                               use_safetensors=None if allow_pickle else True, **kwargs)
     except (OSError, ValueError) as exc:
         where = (f"in {source}" if local else f"locally (tried {hub.local_path(name, base_dir)}), "
-                 "and the Hugging Face Hub could not provide it")
+                 f"and the Hugging Face Hub{' (HF_HUB_OFFLINE is set)' if hub.offline() else ''} could not provide it")
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"model {name!r} could not be loaded {where}: {first}") from None
     if not isinstance(tokenizer, PreTrainedTokenizerFast):

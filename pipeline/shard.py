@@ -181,9 +181,13 @@ def run_shard(job: JobSpec, shard: int, rt: Runtime, out: Path, progress: Progre
         result = ShardResult(shard, attempt, len(docs.rows), empty_total,
                              int((docs.occurrence > 1).sum()), windows_total, tokens_total, rows_by_table,
                              files, 0.0, docs.fingerprint)
-        store_commit.publish(out, writer.staging, files)
-        result.seconds = round(time.perf_counter() - started, 3)
-        store_commit.commit(out, shard, attempt, files, record_info(rt, result))
+        try:
+            store_commit.publish(out, writer.staging, files)
+            result.seconds = round(time.perf_counter() - started, 3)
+            store_commit.commit(out, shard, attempt, files, record_info(rt, result))
+        except BaseException:
+            store_commit.unpublish(out, shard, attempt, files)  # a failed attempt leaves no data files
+            raise
     faults.point("commit")
     return result
 

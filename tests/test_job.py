@@ -37,7 +37,37 @@ def test_minimal_job_has_defaults():
     job = build_job(_job())
     assert job.model.name == "all-MiniLM-L6-v2"
     assert job.run.num_shards == 1 and job.run.device == "auto"
-    assert [r["name"] for r in job.recipes] == ["head_stats"]
+    # The default recipe set: head statistics, top-8 keys on the head mean, rollout top 8.
+    assert [(r["name"], r.get("k"), r.get("per_head")) for r in job.recipes] == [
+        ("head_stats", None, None), ("topk", 8, False), ("rollout", 8, None)]
+    assert job.run.weight_dtype == "bfloat16"
+
+
+def test_fingerprint_names_what_changed_and_ignores_path_spelling(tmp_path):
+    from pipeline.job import fingerprint_diff, load_job
+
+    (tmp_path / "job.toml").write_text('[corpus]\npath = "c.jsonl"\n')
+    rel = load_job(tmp_path / "job.toml")
+    again = load_job(tmp_path / ".." / tmp_path.name / "job.toml")
+    assert rel.fingerprint() == again.fingerprint()
+    changed = build_job(_job(**{"run": {"weight_dtype": "float32"}}), base_dir=tmp_path)
+    diff = fingerprint_diff(build_job(_job(), base_dir=tmp_path).fingerprint_parts(), changed.fingerprint_parts())
+    assert diff == ['run.weight_dtype: "bfloat16" -> "float32"']
+
+
+@pytest.mark.parametrize("name", ["../../x", ".hidden", "a/b", ""])
+def test_job_name_must_be_a_plain_folder_name(name):
+    assert "'name'" in _error(_job(name=name))
+
+
+def test_repeated_recipe_is_refused():
+    msg = _error(_job(recipes=[{"name": "topk", "k": 3}, {"name": "head_stats"}, {"name": "topk", "k": 3}]))
+    assert "recipes[2] repeats recipes[0]" in msg
+
+
+@pytest.mark.parametrize("cols, word", [(["topic", "topic"], "twice"), (["shard"], "documents table")])
+def test_bad_metadata_columns(cols, word):
+    assert word in _error(_job(corpus={"path": "c.jsonl", "metadata_columns": cols}))
 
 
 @pytest.mark.parametrize("section, key, model", [

@@ -79,7 +79,8 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
-    Recipe("head_stats", ".head_stats:head_stats", "head_stats", NoParams, 1),
+    # v2: its token count is window_tokens (was n_tokens).
+    Recipe("head_stats", ".head_stats:head_stats", "head_stats", NoParams, 2),
     Recipe("topk", ".masks:topk", "edges", TopkParams, 1),
     Recipe("threshold", ".masks:threshold", "edges", ThresholdParams, 1),
     Recipe("topp", ".masks:topp", "edges", ToppParams, 1),

@@ -30,16 +30,22 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write `path` so that readers see either the old content or the new, never a part."""
+def write_json_atomic(path: Path, data: dict, fault: str | None = None) -> None:
+    """Write `path` so that readers see either the old content or the new, never a part.
+    `fault`: the fault-injection point between the temp file and its rename (commit records only)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    faults.point("record")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        if fault:
+            faults.point(fault)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. the disk is full: leave no half-written temp file
+        raise
     _fsync_dir(path.parent)
 
 
@@ -54,12 +60,29 @@ def publish(out: Path, staging: Path, files: list[FileInfo]) -> None:
         _fsync_dir(folder)
 
 
+def unpublish(out: Path, shard: int, attempt: str, files: list[FileInfo]) -> None:
+    """After a failed publish or commit (disk full, ...): remove the attempt's files already
+    moved to their final names, unless its record did get written. Best effort: the next run's
+    recovery deletes whatever this leaves."""
+    path = paths.record_path(out, shard)
+    try:
+        if path.is_file() and json.loads(path.read_text()).get("attempt") == attempt:
+            return
+    except (OSError, ValueError):
+        pass
+    for f in files:
+        try:
+            (out / f.path).unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
 def commit(out: Path, shard: int, attempt: str, files: list[FileInfo], info: dict) -> dict:
     """Write the completion record of `shard`: from now on the shard exists."""
     record = {"record_version": RECORD_VERSION, "shard": shard, "attempt": attempt,
               "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "files": [f.to_dict() for f in files], **info}
-    write_json_atomic(paths.record_path(out, shard), record)
+    write_json_atomic(paths.record_path(out, shard), record, fault="record")
     return record
 
 

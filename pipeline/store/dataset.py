@@ -67,7 +67,11 @@ def choose_output(root: Path, fingerprint: str, parts: dict, new_run: bool) -> P
         raise OutputError(f"output path {root} is a file; choose a folder for --output / run.output")
     present = versions(root)
     if not present:
-        if root.is_dir() and any(p for p in root.iterdir() if not paths.VERSION_DIR.match(p.name)):
+        # A run killed before its first commit leaves only its lock, staging or a temp file of
+        # _dataset.json: the folder is still ours.
+        ours = (paths.LOCK, paths.STAGING, f".{paths.DATASET}.", f".{paths.MANIFEST}.")
+        if root.is_dir() and any(p for p in root.iterdir() if not paths.VERSION_DIR.match(p.name)
+                                 and not p.name.startswith(ours)):
             raise OutputError(f"{root} exists, is not empty and is not an attnpipe output; choose another --output")
         return root
     for v in sorted(present, reverse=True):
@@ -123,6 +127,9 @@ def recover(out: Path) -> dict[int, dict]:
     shutil.rmtree(out / paths.STAGING, ignore_errors=True)
     for tmp in (out / paths.COMMITS).glob(".*.tmp") if (out / paths.COMMITS).is_dir() else []:
         tmp.unlink(missing_ok=True)
+    for name in (paths.DATASET, paths.MANIFEST):  # temp files of a run killed while writing them
+        for tmp in out.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
     records = read_records(out)
     for shard, record in sorted(records.items()):
         damaged = [f["path"] for f in record["files"]

@@ -1,7 +1,10 @@
 """Table schemas, declared in `schemas/*.json` with a version, never inferred from data.
 
-Weights (`weight`, `weights`) are declared with the type `weight`: float16 by default (plenty
-for analysis, half the bytes), float32 when the job sets `run.weight_dtype = "float32"`.
+Attention values (edge weights, map rows, head statistics) are declared with the type `value`,
+stored at the job's `run.weight_dtype`: float16 by default (3 significant digits, plenty for
+analysis, half the bytes of float32); bfloat16 (a float32 column whose values are rounded to 8
+significant bits and byte-stream-split, so that zstd drops the zero bits: the smallest files,
+readable everywhere float32 is); float32 (as computed).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import pyarrow as pa
 from ..errors import AttnpipeError
 
 SCHEMA_VERSION = 2  # every table's version; bumped together when the on-disk format changes
-WEIGHT_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
+WEIGHT_TYPES = {"float16": pa.float16(), "bfloat16": pa.float32(), "float32": pa.float32()}
 _TYPES = {
     "string": pa.string(), "bool": pa.bool_(), "int16": pa.int16(), "int32": pa.int32(),
     "int64": pa.int64(), "float32": pa.float32(),
@@ -24,9 +27,9 @@ _TYPES = {
 
 
 def _arrow_type(name: str, weight_dtype: str) -> pa.DataType:
-    if name == "weight":
+    if name == "value":
         return WEIGHT_TYPES[weight_dtype]
-    if name == "list<weight>":
+    if name == "list<value>":
         return pa.list_(WEIGHT_TYPES[weight_dtype])
     return _TYPES[name]
 
@@ -49,6 +52,11 @@ class TableSchema:
     @property
     def column_names(self) -> list[str]:
         return [c["name"] for c in self.columns]
+
+    @property
+    def value_columns(self) -> list[str]:
+        """Columns stored at the job's weight precision."""
+        return [c["name"] for c in self.columns if c["type"] in ("value", "list<value>")]
 
     def arrow(self, weight_dtype: str = "float16") -> pa.Schema:
         return pa.schema([pa.field(c["name"], _arrow_type(c["type"], weight_dtype)) for c in self.columns])

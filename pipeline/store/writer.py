@@ -28,10 +28,19 @@ import pyarrow.parquet as pq
 from . import paths
 from .schema import table_schema
 
-# Encodings chosen by measurement on the demo corpus (benchmarks/bench_storage.py): positions
-# sorted within a query delta-encode to a few bits; strings (doc_id, recipe) are dictionary-encoded.
-DELTA_COLUMNS = ("query_pos", "key_pos", "position", "char_start", "char_end", "token_id")
+# Encodings chosen by measurement on the demo corpus (benchmarks/bench_storage.py): dictionary
+# encoding (the default) beats delta for query_pos and key_pos (0.50 vs 0.65 bytes per edge) and
+# makes the repeated strings (doc_id, recipe, recipe_params) nearly free; character offsets grow
+# along a window, so they delta-encode; zstd levels above 3 gained nothing on float16 weights.
+DELTA_COLUMNS = ("char_start", "char_end")
 ZSTD_LEVEL = 3
+
+
+def round_bfloat16(values: np.ndarray) -> np.ndarray:
+    """float32 values rounded (to nearest even) to bfloat16's 8 significant bits."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.view(np.float32)
 
 
 @dataclass
@@ -116,12 +125,16 @@ class _TableWriter:
             target = o.staging / self.rel
             target.parent.mkdir(parents=True, exist_ok=True)
             schema = o.schema(self.table, self.recipe)
-            delta = [c for c in DELTA_COLUMNS if c in schema.names]
+            encoding = {c: "DELTA_BINARY_PACKED" for c in DELTA_COLUMNS if c in schema.names}
+            if o.weight_dtype == "bfloat16":  # the zero low bytes of each value fall into streams of their own
+                encoding.update({c: "BYTE_STREAM_SPLIT" for c in self.declared.value_columns
+                                 if pa.types.is_float32(schema.field(c).type)})
             self.writer = pq.ParquetWriter(
                 target, schema, compression="zstd", compression_level=ZSTD_LEVEL,
-                use_dictionary=[c for c in schema.names if c not in delta],
-                column_encoding={c: "DELTA_BINARY_PACKED" for c in delta},
-                write_statistics=True, store_schema=False)
+                use_dictionary=[c for c in schema.names if c not in encoding],
+                column_encoding=encoding, write_statistics=True, store_schema=False)
+            # Without store_schema, pyarrow drops the schema's metadata: write it to the footer.
+            self.writer.add_key_value_metadata(schema.metadata)
             self.rows_in_file = 0
         return self.writer
 
@@ -192,6 +205,9 @@ class ShardWriter:
             self.extra[table] = extra
         if layer is not None:
             columns = {**columns, "layer": np.full(_rows(columns), layer, dtype=np.int16)}
+        if self.weight_dtype == "bfloat16":
+            columns = {k: _round_values(v) if k in table_schema(table).value_columns else v
+                       for k, v in columns.items()}
         data = pa.Table.from_pydict(columns, schema=self.schema(table).remove_metadata())
         key = (table, layer, recipe)
         if key not in self.writers:
@@ -218,6 +234,12 @@ class ShardWriter:
             w.close()
         self.files = sorted((f for w in self.writers.values() for f in w.files), key=lambda f: f.path)
         return self.files
+
+
+def _round_values(column):
+    if isinstance(column, pa.ListArray):
+        return pa.ListArray.from_arrays(column.offsets, round_bfloat16(column.values.to_numpy(zero_copy_only=False)))
+    return round_bfloat16(np.asarray(column))
 
 
 def _rows(columns: dict) -> int:
