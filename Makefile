@@ -25,6 +25,7 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/bench_capture.py
+	$(PY) benchmarks/bench_storage.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
