@@ -46,7 +46,8 @@ def cli():
 @click.option("--num-shards", type=click.IntRange(min=1), help="run.num_shards.")
 @click.option("--batch-tokens", type=click.IntRange(min=1), help="run.batch_tokens.")
 @click.option("--new-run", is_flag=True,
-              help="The job changed: write a new version (OUTPUT/v2, v3, ...) beside the old data.")
+              help="Start a new version (OUTPUT/v2, v3, ...) beside the old data, after the job, the "
+                   "corpus or the model changed. Rerun without it to resume that version.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @command_boundary
 def run(job_file, output, limit, device, dtype, model_name, num_shards, batch_tokens, new_run, quiet):

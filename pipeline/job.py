@@ -124,16 +124,17 @@ class JobSpec(_Section):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def fingerprint_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """'key: old -> new' for every leaf that differs between two fingerprint_parts()."""
-    changes = []
-    for key in sorted(set(old) | set(new), key=str):
-        a, b, name = old.get(key), new.get(key), f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            changes += fingerprint_diff(a, b, name + ".")
-        elif a != b:
-            changes.append(f"{name}: {json.dumps(a, default=str)} -> {json.dumps(b, default=str)}")
-    return changes
+def fingerprint_diff(old: Any, new: Any, name: str = "") -> list[str]:
+    """'key: old -> new' for every leaf that differs between two fingerprint_parts(); lists of
+    the same length (recipes) are compared item by item, as recipes[1].k."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new), key=str)
+        return [c for k in keys for c in fingerprint_diff(old.get(k), new.get(k), f"{name}.{k}" if name else str(k))]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [c for i, (a, b) in enumerate(zip(old, new)) for c in fingerprint_diff(a, b, f"{name}[{i}]")]
+    if old != new:
+        return [f"{name}: {json.dumps(old, default=str)} -> {json.dumps(new, default=str)}"]
+    return []
 
 
 def _format_error(source: str, err: dict) -> str:
@@ -224,4 +225,4 @@ def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobSp
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise JobError(f"{path}: not valid TOML: {exc}") from None
     data.setdefault("name", path.stem)
-    return build_job(data, source=str(path), base_dir=path.parent, overrides=overrides)
+    return build_job(data, source=str(path), base_dir=path.parent.resolve(), overrides=overrides)

@@ -8,19 +8,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .corpus import Corpus, open_corpus
 from .job import JobSpec
-from .model import LoadedModel, load_model
 from .recipes import RECIPES
 from .store.schema import load_schemas
+
+if TYPE_CHECKING:  # torch and transformers load only when a model does
+    from .model import LoadedModel
 
 
 def open_job_corpus(job: JobSpec) -> Corpus:
     return Corpus(open_corpus(job.corpus, Path(job.base_dir)), job.corpus)
 
 
-def load_job_model(job: JobSpec) -> LoadedModel:
+def load_job_model(job: JobSpec) -> "LoadedModel":
+    from .model import load_model
+
     m = job.model
     return load_model(m.name, base_dir=Path(job.base_dir), revision=m.revision, dtype=m.dtype,
                       device=job.run.device, trust_remote_code=m.trust_remote_code,
@@ -31,12 +36,12 @@ def load_job_model(job: JobSpec) -> LoadedModel:
 class Runtime:
     job: JobSpec
     corpus: Corpus
-    model: LoadedModel
+    model: "LoadedModel"
     window_length: int
     provenance: dict
 
     @classmethod
-    def build(cls, job: JobSpec, corpus: Corpus | None = None, model: LoadedModel | None = None) -> "Runtime":
+    def build(cls, job: JobSpec, corpus: Corpus | None = None, model: "LoadedModel | None" = None) -> "Runtime":
         corpus = corpus or open_job_corpus(job)
         model = model or load_job_model(job)
         window = model.check_window(job.model.max_length, job.model.stride)

@@ -195,7 +195,7 @@ STATS = ["entropy", "entropy_norm", "first_mass", "sep_mass", "special_mass", "s
 
 
 def ref_head_stats(probs, m: Masks) -> dict:
-    """(b, h) -> {"n_tokens": n, stat: mean over the n real queries of the per-query value}."""
+    """(b, h) -> {"window_tokens": n, stat: mean over the n real queries of the per-query value}."""
     p = np.asarray(probs, dtype=np.float64)
     out = {}
     for b in range(p.shape[0]):
@@ -216,7 +216,7 @@ def ref_head_stats(probs, m: Masks) -> dict:
                 sums["next_mass"] += w.get(q + 1, 0.0)
                 sums["punct_mass"] += sum(v for k, v in w.items() if m.punct[b, k])
                 sums["mean_distance"] += sum(v * abs(q - k) for k, v in w.items())
-            out[(b, h)] = {"n_tokens": n, **{s: sums[s] / n for s in STATS}}
+            out[(b, h)] = {"window_tokens": n, **{s: sums[s] / n for s in STATS}}
     return out
 
 
@@ -289,7 +289,7 @@ def assert_head_stats(cols: dict, ref: dict, atol: float) -> None:
         assert key in ref and key not in seen, f"unexpected or duplicate head_stats row {key}"
         seen.add(key)
         want = ref[key]
-        assert int(c["n_tokens"][i]) == want["n_tokens"], f"n_tokens of {key}"
+        assert int(c["window_tokens"][i]) == want["window_tokens"], f"window_tokens of {key}"
         for s in STATS:
             assert abs(float(c[s][i]) - want[s]) <= atol, (
                 f"{s} of (batch, head) {key}: got {float(c[s][i])}, expected {want[s]}")

@@ -137,7 +137,7 @@ def test_schema_one_table():
     assert result.exit_code == 0, result.output
     edges = load_schemas()["edges"]
     assert result.output.startswith("edges (v")
-    assert "partitioned by layer" in result.output
+    assert "one folder per layer (layer-NNN)" in result.output
     for column in edges.columns:
         assert column["name"] in result.output
     for other in set(load_schemas()) - {"edges"}:
@@ -149,7 +149,8 @@ def test_schema_json():
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["table"] == "documents"
-    assert [c["name"] for c in data["columns"]][:2] == ["doc_id", "shard"]
+    assert [c["name"] for c in data["columns"]][:3] == ["doc_id", "corpus_row", "shard"]
+    assert data["version"] == load_schemas()["documents"].version
 
 
 def test_schema_unknown_table():
@@ -169,10 +170,13 @@ def test_run_then_inspect(tmp_path, job):
     assert "5 documents (0 empty)" in result.output
     for table in ("documents", "tokens", "head_stats"):
         assert table in result.output
-    assert (out / "_manifest.json").is_file()
-    assert (out / "documents" / "shard-00000.parquet").is_file()
-    assert list((out / "head_stats").glob("layer=*/shard-00000.parquet"))
+    assert (out / "_manifest.json").is_file() and (out / "_dataset.json").is_file()
+    assert (out / "_commits" / "shard-00000.json").is_file()
+    assert len(list((out / "documents").glob("shard-00000-*-0.parquet"))) == 1
+    assert {p.parent.name for p in (out / "head_stats").glob("layer-*/shard-00000-*.parquet")} == {
+        "layer-000", "layer-001"}
     assert not (out / "_staging").exists() or not any((out / "_staging").iterdir())
+    assert not (out / "_lock").exists()
 
     result = invoke("inspect", out)
     assert result.exit_code == 0, result.output
@@ -184,18 +188,20 @@ def test_run_then_inspect(tmp_path, job):
     assert "        5 rows" in text or " 5 rows" in text  # documents
     assert "layers 0, 1" in text and "heads" in text
     assert "num_layers" in text and "num_heads" in text and "weights_sha256" in text
-    assert "head_stats v1" in text
+    assert f"head_stats v{RECIPES['head_stats'].version}" in text
 
     data = json.loads(invoke("inspect", out, "--json").output)
     assert data["tables"]["documents"]["rows"] == 5
     assert data["tables"]["head_stats"]["layers"] == [0, 1]
+    assert data["tables"]["head_stats"]["heads"] == [0, 1, 2, 3]
+    assert data["status"] == "complete" and data["shards"] == "1/1 committed"
     assert data["provenance"]["num_heads"] == 4
     assert data["provenance"]["job_fingerprint"]
 
 
 def test_inspect_not_an_output_dir(tmp_path):
     line = error_line(invoke("inspect", tmp_path))
-    assert str(tmp_path) in line and "_manifest.json" in line
+    assert str(tmp_path) in line and "_dataset.json" in line
 
 
 def test_run_overrides(tmp_path, job):
@@ -254,23 +260,28 @@ def test_rerun_skips_finished_shards(tmp_path, job):
 
     second = invoke("run", job, "--num-shards", 2)
     assert second.exit_code == 0, second.output
-    assert "0 shards run, 2 already done" in second.output
+    assert "0 shards run, 2 already committed" in second.output
     assert "5 documents" in second.output
     assert {p: p.read_bytes() for p in parquet_files(out)} == files
     assert json.loads((out / "_manifest.json").read_text())["shards"] == manifest["shards"]
 
 
 def test_rerun_runs_only_missing_shards(tmp_path, job):
+    """A shard without its commit record does not exist: the rerun removes its files and redoes it."""
     assert invoke("run", job, "--num-shards", 3).exit_code == 0
     out = tmp_path / "out"
     manifest_file = out / "_manifest.json"
-    manifest = json.loads(manifest_file.read_text())
-    dropped = manifest["shards"].pop("1")
-    manifest_file.write_text(json.dumps(manifest))
+    dropped = json.loads(manifest_file.read_text())["shards"]["1"]
+    record = out / "_commits" / "shard-00001.json"
+    old_files = [out / f["path"] for f in json.loads(record.read_text())["files"]]
+    kept = {p: p.stat().st_mtime_ns for p in parquet_files(out) if p not in old_files}
+    record.unlink()
     result = invoke("run", job, "--num-shards", 3)
     assert result.exit_code == 0, result.output
-    assert "1 shards run, 2 already done" in result.output
+    assert "1 shards run, 2 already committed" in result.output
     assert json.loads(manifest_file.read_text())["shards"]["1"]["documents"] == dropped["documents"]
+    assert not any(p.exists() for p in old_files)
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
 
 
 def test_different_job_into_same_output_refused(tmp_path, job, corpus, tiny_model_dir):
@@ -280,13 +291,14 @@ def test_different_job_into_same_output_refused(tmp_path, job, corpus, tiny_mode
     before = parquet_files(tmp_path / "out")
     line = error_line(invoke("run", other))
     assert "different job" in line and str(tmp_path / "out") in line
+    assert "recipes" in line and "--new-run" in line
     assert parquet_files(tmp_path / "out") == before
 
 
 def test_same_job_other_limit_is_a_different_job(tmp_path, job):
     assert invoke("run", job).exit_code == 0
     line = error_line(invoke("run", job, "--limit", 2))
-    assert "different job" in line
+    assert "different job" in line and "corpus.limit: null -> 2" in line
 
 
 def test_output_dir_of_something_else_refused(tmp_path, job):
@@ -387,7 +399,7 @@ def test_failure_before_work_leaves_no_files_and_rerun_works(tmp_path, corpus, t
     error_line(invoke("run", bad))
     out = tmp_path / "out"
     assert parquet_files(out) == []
-    assert not (out / "_manifest.json").exists()
+    assert not out.exists()
     good = write_job(tmp_path, corpus, model=model, num_shards=2)
     result = invoke("run", good)
     assert result.exit_code == 0, result.output
@@ -421,7 +433,7 @@ def test_demo_job_on_builtin_minilm(tmp_path):
                     "--output", out, "--device", "cpu", "--quiet")
     assert result.exit_code == 0, result.output
     summary = json.loads(invoke("inspect", out, "--json").output)
-    assert summary["status"] == "complete" and summary["shards"] == "2/2 complete"
+    assert summary["status"] == "complete" and summary["shards"] == "2/2 committed"
     assert set(summary["tables"]) == {"documents", "tokens", "head_stats", "edges", "rollout", "maps"}
     assert summary["tables"]["documents"]["rows"] == 6
     assert summary["tables"]["head_stats"]["layers"] == list(range(6))

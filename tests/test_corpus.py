@@ -7,11 +7,12 @@ import hashlib
 import json
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.corpus import documents_of, open_corpus, shard_of
+from pipeline.corpus import Corpus, open_corpus
 from pipeline.errors import CorpusError
 from pipeline.executor.local import run_job
 from pipeline.inspect import open_table
@@ -32,6 +33,10 @@ def _open(base, **spec):
 def _jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def _corpus(base, spec):
+    return Corpus(open_corpus(spec, base), spec)
 
 
 def _sha16(text):
@@ -155,23 +160,25 @@ def test_text_id_and_metadata_columns(tmp_path):
     rows = [{"body": r["text"], "key": i * 10, "topic": r["topic"], "n": i} for i, r in enumerate(ROWS)]
     _jsonl(tmp_path / "c.jsonl", rows)
     spec = CorpusSpec(path="c.jsonl", text_column="body", id_column="key", metadata_columns=["topic", "n"])
-    docs = documents_of(open_corpus(spec, tmp_path), spec)
-    assert docs.texts == TEXTS
-    assert docs.doc_ids == ["0", "10", "20"]
-    assert docs.metadata == {"topic": ["pets", "weather", "rivers"], "n": [0, 1, 2]}
+    corpus = _corpus(tmp_path, spec)
+    rows = np.arange(len(corpus))
+    assert corpus.texts(rows) == TEXTS
+    assert corpus.doc_ids == ["0", "10", "20"]
+    assert {k: v.to_pylist() for k, v in corpus.metadata(rows).items()} == {
+        "topic": ["pets", "weather", "rivers"], "n": [0, 1, 2]}
+    assert corpus.metadata_schema().names == ["topic", "n"]
 
 
 def test_doc_id_without_id_column_is_sha1_prefix(tmp_path):
     _jsonl(tmp_path / "c.jsonl", ROWS)
     spec = CorpusSpec(path="c.jsonl")
-    first = documents_of(open_corpus(spec, tmp_path), spec).doc_ids
+    first = _corpus(tmp_path, spec).doc_ids
     assert first == [_sha16(t) for t in TEXTS]
     assert all(len(i) == 16 for i in first)
     # Stable: the same text gets the same id from another file, order and shard.
     _jsonl(tmp_path / "d.jsonl", list(reversed(ROWS)))
-    spec2 = CorpusSpec(path="d.jsonl")
-    second = documents_of(shard_of(open_corpus(spec2, tmp_path), 2, 1), spec2).doc_ids
-    assert set(second) <= set(first)
+    second = _corpus(tmp_path, CorpusSpec(path="d.jsonl")).shard(2, 1).doc_ids
+    assert second and set(second) <= set(first)
 
 
 @pytest.mark.parametrize("key, spec, missing", [
@@ -289,14 +296,24 @@ def test_sharding_deterministic_and_complete(tmp_path, num_shards):
     rows = [{"text": f"document number {i}", "id": str(i)} for i in range(23)]
     _jsonl(tmp_path / "c.jsonl", rows)
     spec = CorpusSpec(path="c.jsonl", id_column="id")
-    ds = open_corpus(spec, tmp_path)
-    first = [documents_of(shard_of(ds, num_shards, s), spec).doc_ids for s in range(num_shards)]
-    again = open_corpus(spec, tmp_path)
-    second = [documents_of(shard_of(again, num_shards, s), spec).doc_ids for s in range(num_shards)]
+    corpus = _corpus(tmp_path, spec)
+    shards = [corpus.shard(num_shards, s) for s in range(num_shards)]
+    first = [s.doc_ids for s in shards]
+    again = _corpus(tmp_path, spec)
+    second = [again.shard(num_shards, s).doc_ids for s in range(num_shards)]
     assert first == second
+    assert [s.fingerprint for s in shards] == [again.shard(num_shards, s).fingerprint for s in range(num_shards)]
     union = [i for shard in first for i in shard]
     assert sorted(union, key=int) == [str(i) for i in range(23)]
     assert len(union) == len(set(union)) == 23
+    # Contiguous row ranges, sizes differing by at most one; each shard walked in doc_id order.
+    rows = [sorted(s.rows.tolist()) for s in shards]
+    assert [r for shard in rows for r in shard] == list(range(23))
+    sizes = [len(r) for r in rows]
+    assert max(sizes) - min(sizes) <= 1
+    for s in shards:
+        assert s.doc_ids == sorted(s.doc_ids)
+        assert s.doc_ids == [corpus.doc_ids[r] for r in s.rows]
 
 
 # --- empty documents in a run ----------------------------------------------------------------
@@ -318,7 +335,7 @@ def test_empty_documents_counted_without_token_rows(tmp_path, tiny_model_dir):
     assert sorted(by_id) == ["a", "b", "blank", "empty"]
     for doc_id in ("empty", "blank"):
         assert by_id[doc_id]["empty"] is True
-        assert by_id[doc_id]["windows"] == 0 and by_id[doc_id]["n_tokens"] == 0
+        assert by_id[doc_id]["windows"] == 0 and by_id[doc_id]["content_tokens"] == 0
     for doc_id in ("a", "b"):
         assert by_id[doc_id]["empty"] is False and by_id[doc_id]["windows"] == 1
 
@@ -337,3 +354,5 @@ def test_documents_table_ids_are_sha1_without_id_column(tmp_path, tiny_model_dir
     assert {d["doc_id"]: d["topic"] for d in docs} == {_sha16(r["text"]): r["topic"] for r in ROWS}
     assert all(d["text_sha1"] == hashlib.sha1(t.encode()).hexdigest()
                for d in docs for t in TEXTS if _sha16(t) == d["doc_id"])
+    assert {d["doc_id"]: d["corpus_row"] for d in docs} == {_sha16(t): i for i, t in enumerate(TEXTS)}
+    assert all(d["occurrence"] == 1 for d in docs)

@@ -42,5 +42,9 @@ def test_demo_job_runs_on_a_slice(tmp_path):
     demo = Path(__file__).resolve().parents[1] / "jobs" / "demo.toml"
     job = load_job(demo, overrides={"run.output": str(tmp_path / "demo"), "corpus.limit": 12,
                                                 "run.progress": False})
+    from pipeline.store.verify import verify
+
     summary = run_job(job, quiet=True)
     assert summary.totals["documents"] == 12 and summary.totals["rows"]["head_stats"] > 0
+    report = verify(summary.output)
+    assert report.ok and report.checked > 0, report.problems + report.strays

@@ -229,7 +229,7 @@ def test_no_padded_or_future_positions(causal, seed, garbage):
             c = ref.to_numpy(cols)
             n = np.array(lengths)[c["batch_index"]]
             if name == "head_stats":
-                assert (c["n_tokens"] == n).all()
+                assert (c["window_tokens"] == n).all()
                 assert all(np.isfinite(c[s]).all() for s in ref.STATS)
                 continue
             assert (c["query_pos"] < n).all(), name

@@ -168,8 +168,8 @@ def test_no_padded_or_future_positions(case):
         c = o.columns
         what = f"{recipe_id(SPECS[o.recipe])} layer {o.layer}"
         n = lengths[c["batch_index"]]
-        if "n_tokens" in c:
-            assert (c["n_tokens"] == n).all(), what
+        if "window_tokens" in c:
+            assert (c["window_tokens"] == n).all(), what
             continue
         assert (c["query_pos"] < n).all(), what
         if "weights.lengths" in c:

@@ -19,7 +19,6 @@ from ..corpus import Corpus
 from ..errors import OutputError
 from ..job import JobSpec
 from ..runtime import Runtime, open_job_corpus
-from ..shard import run_shard
 from ..store.dataset import choose_output, recover, write_info, write_manifest
 from ..store.lock import OutputLock
 
@@ -96,6 +95,8 @@ def run_job(job: JobSpec, quiet: bool = False, lm=None, new_run: bool = False) -
             check_inputs(out, committed, corpus, n)
             todo = [s for s in range(n) if s not in committed]
             if todo:
+                from ..shard import run_shard  # torch and the model load only when there is work
+
                 rt = Runtime.build(job, corpus, lm)
                 faults.point("load")
                 check_weights(out, committed, rt)

@@ -58,8 +58,9 @@ def versions(root: Path) -> list[int]:
 
 
 def choose_output(root: Path, fingerprint: str, parts: dict, new_run: bool) -> Path:
-    """The folder this job writes to: a version with the same fingerprint, else a new one where
-    asked (`new_run`) or where nothing was committed yet; otherwise refuse, naming what changed."""
+    """The folder this job writes to: a new version where asked (`new_run`); else the latest
+    version with the same fingerprint, or the latest one where nothing was committed yet;
+    otherwise refuse, naming what changed."""
     from ..job import fingerprint_diff
 
     root = Path(root)
@@ -74,14 +75,20 @@ def choose_output(root: Path, fingerprint: str, parts: dict, new_run: bool) -> P
                                  and not p.name.startswith(ours)):
             raise OutputError(f"{root} exists, is not empty and is not an attnpipe output; choose another --output")
         return root
+    if new_run:
+        # Always a new version, also for an unchanged job whose corpus was edited or whose
+        # weights were replaced in place (the refusals of those say to use --new-run); a rerun
+        # without --new-run resumes the latest version with this fingerprint.
+        latest = paths.version_dir(root, max(present))
+        if (latest / paths.DATASET).is_file() and not read_records(latest):
+            return latest  # nothing committed there yet: take it over
+        return paths.version_dir(root, max(present) + 1)
     for v in sorted(present, reverse=True):
         folder = paths.version_dir(root, v)
-        check_format(folder) if not new_run else None
+        check_format(folder)
         info = read_info(folder)
         if info and info.get("job_fingerprint") == fingerprint:
             return folder
-    if new_run:
-        return paths.version_dir(root, max(present) + 1)
     latest = paths.version_dir(root, max(present))
     check_format(latest)
     if not read_records(latest):

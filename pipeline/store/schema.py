@@ -1,10 +1,10 @@
 """Table schemas, declared in `schemas/*.json` with a version, never inferred from data.
 
 Attention values (edge weights, map rows, head statistics) are declared with the type `value`,
-stored at the job's `run.weight_dtype`: float16 by default (3 significant digits, plenty for
-analysis, half the bytes of float32); bfloat16 (a float32 column whose values are rounded to 8
-significant bits and byte-stream-split, so that zstd drops the zero bits: the smallest files,
-readable everywhere float32 is); float32 (as computed).
+stored at the job's `run.weight_dtype`: bfloat16 by default (a float32 column whose values are
+rounded to 8 significant bits and byte-stream-split, so that zstd drops the zero bits: the
+smallest files, readable everywhere float32 is); float16 (3 significant digits, a float16
+column); float32 (as computed).
 """
 
 from __future__ import annotations
