@@ -36,7 +36,8 @@ def summarize(out: Path) -> dict:
         files = [f for r in records.values() for f in r["files"] if f["table"] == name]
         if not files:
             continue
-        gone = [f["path"] for f in files if not (out / f["path"]).is_file()]
+        gone = [f["path"] for f in files if not (out / f["path"]).is_file()
+                or (out / f["path"]).stat().st_size != f["bytes"]]
         missing += gone
         t = {"rows": sum(f["rows"] for f in files), "files": len(files), "schema_version": schema.version}
         layers = sorted({f["layer"] for f in files if f["layer"] is not None})
@@ -69,7 +70,7 @@ def _compact(values: list) -> str:
 def format_summary(s: dict) -> str:
     lines = [f"{s['output']}: job {s['job']!r}, {s['status']}, shards {s['shards']}"]
     if s["missing_files"]:
-        lines.append(f"  {len(s['missing_files'])} committed files are missing (first: {s['missing_files'][0]}); "
+        lines.append(f"  {len(s['missing_files'])} committed files are missing or damaged (first: {s['missing_files'][0]}); "
                      "run 'attnpipe verify' for details, and rerun the job to rewrite those shards")
     lines.append("tables:")
     for name, t in s["tables"].items():

@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import paths
-from .commit import read_records
+from ..errors import OutputError
+from .commit import read_record
 from .dataset import check_format, data_files, read_info
 from .schema import table_schema
 from .writer import sha256_of
@@ -53,9 +54,16 @@ def _check_file(out: Path, f: dict, weight_dtype: str) -> str | None:
 def verify(out: Path) -> Report:
     out = Path(out)
     check_format(out)
-    info, records = read_info(out), read_records(out)
-    weight_dtype = (info or {}).get("job", {}).get("run", {}).get("weight_dtype", "float16")
+    info = read_info(out)
+    weight_dtype = (info or {}).get("job", {}).get("run", {}).get("weight_dtype", "bfloat16")
     report = Report(out)
+    records = {}
+    for path in sorted((out / paths.COMMITS).glob("shard-*.json")) if (out / paths.COMMITS).is_dir() else []:
+        try:
+            record = read_record(path)
+            records[int(record["shard"])] = record
+        except OutputError as exc:
+            report.problems.append(f"{path.name}: {exc}")
     listed = set()
     for shard, record in sorted(records.items()):
         for f in record["files"]:
