@@ -195,14 +195,6 @@ def _check_columns(ds: datasets.Dataset, spec: CorpusSpec) -> None:
                               f"columns: {', '.join(cols)}")
 
 
-def shard_bounds(rows: int, num_shards: int, index: int) -> tuple[int, int]:
-    """[start, stop) of shard `index`: contiguous, sizes differing by at most one (the split of
-    datasets' `Dataset.shard(contiguous=True)`); shards past the last row are empty."""
-    div, mod = divmod(rows, num_shards)
-    start = div * index + min(index, mod)
-    return start, start + div + (1 if index < mod else 0)
-
-
 def text_sha1(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
@@ -286,9 +278,9 @@ class Corpus:
             where[key] = row
         return list(where)
 
-    def shard(self, num_shards: int, index: int) -> ShardDocs:
-        start, stop = shard_bounds(len(self), num_shards, index)
-        rows = np.arange(start, stop)
+    def shard(self, index: int, start: int, stop: int) -> ShardDocs:
+        """Shard `index`: corpus rows [start, stop), sorted by doc_id."""
+        rows = np.arange(start, min(stop, len(self)))
         rows = rows[np.argsort(np.array(self.doc_ids[start:stop], dtype=object), kind="stable")]
         return ShardDocs(index, rows, [self.doc_ids[r] for r in rows], [self.text_sha1[r] for r in rows],
                          self.occurrence[rows], self.chars[rows])

@@ -27,3 +27,12 @@ class RecipeError(AttnpipeError):
 
 class OutputError(AttnpipeError):
     """The output directory is unusable, or holds a different job's data."""
+
+
+class ReadError(AttnpipeError):
+    """A dataset cannot be read as asked: unknown table, document, layer or head, or a missing
+    optional dependency of a read-side command."""
+
+
+class QueryError(ReadError):
+    """A SQL query was refused (it is not read-only, or reads outside the dataset) or failed."""

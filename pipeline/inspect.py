@@ -10,7 +10,7 @@ import pyarrow.dataset as pads
 from .errors import OutputError
 from .store import paths
 from .store.commit import committed_files, read_records
-from .store.dataset import check_format, read_info, versions
+from .store.dataset import check_format, planned_shards, read_info, versions
 from .store.schema import load_schemas
 
 
@@ -51,7 +51,7 @@ def summarize(out: Path) -> dict:
             heads = pads.dataset([str(out / f["path"]) for f in files], format="parquet").to_table(columns=["head"])
             t["heads"] = sorted(heads.column("head").unique().to_pylist())
         tables[name] = t
-    num_shards = (info or {}).get("job", {}).get("run", {}).get("num_shards", "?")
+    num_shards = planned_shards(info) or "?"
     latest = max(records.values(), key=lambda r: r.get("committed_at", ""), default={})
     status = "complete" if isinstance(num_shards, int) and len(records) >= num_shards else "partial"
     root_versions = versions(out)

@@ -1,6 +1,6 @@
 """The step: one shard of the corpus in, its committed Parquet files out.
 
-`run_shard(job, shard, runtime, out)` knows nothing about processes or executors: the local
+`run_shard(job, shard, runtime, out)` (shard: a `ShardSpec`, its corpus rows) knows nothing about processes or executors: the local
 executor calls it in a loop, a Dask worker will call the same function. It writes the shard's
 files through the streaming writer, publishes them and writes the shard's completion record,
 and returns a typed `ShardResult`.
@@ -28,6 +28,7 @@ from .reduce import Output, reduce_batch
 from .runtime import Runtime
 from .store import commit as store_commit
 from .store import paths
+from .store.plan import ShardSpec
 from .store.writer import FileInfo, ShardWriter
 from .windows import Window, make_batches, tokenize
 
@@ -52,6 +53,7 @@ class ShardResult:
     files: list[FileInfo] = field(default_factory=list)
     seconds: float = 0.0
     inputs: str = ""  # fingerprint of the shard's documents
+    corpus_rows: tuple[int, int] = (0, 0)  # [start, stop) of the corpus rows it covers
 
 
 def doc_chunks(docs: ShardDocs) -> Iterator[slice]:
@@ -139,12 +141,13 @@ def _write_unit(writer: ShardWriter, rt: Runtime, unit: list[Window], doc_ids: l
         faults.point("batch")
 
 
-def run_shard(job: JobSpec, shard: int, rt: Runtime, out: Path, progress: Progress | None = None
+def run_shard(job: JobSpec, spec: ShardSpec, rt: Runtime, out: Path, progress: Progress | None = None
               ) -> ShardResult:
     """Process, write and commit one shard. Leaves nothing visible unless it commits."""
     started = time.perf_counter()
     out = Path(out)
-    docs = rt.corpus.shard(job.run.num_shards, shard)
+    shard = spec.index
+    docs = rt.corpus.shard(shard, spec.start, spec.stop)
     attempt = paths.new_attempt()
     tokens_total = windows_total = empty_total = 0
     tok = rt.model.tokenizer
@@ -180,7 +183,7 @@ def run_shard(job: JobSpec, shard: int, rt: Runtime, out: Path, progress: Progre
             rows_by_table[f.table] = rows_by_table.get(f.table, 0) + f.rows
         result = ShardResult(shard, attempt, len(docs.rows), empty_total,
                              int((docs.occurrence > 1).sum()), windows_total, tokens_total, rows_by_table,
-                             files, 0.0, docs.fingerprint)
+                             files, 0.0, docs.fingerprint, (spec.start, spec.stop))
         try:
             store_commit.publish(out, writer.staging, files)
             result.seconds = round(time.perf_counter() - started, 3)
@@ -194,7 +197,8 @@ def run_shard(job: JobSpec, shard: int, rt: Runtime, out: Path, progress: Progre
 
 def record_info(rt: Runtime, r: ShardResult) -> dict:
     """What a completion record says besides its files."""
-    return {"job_fingerprint": rt.job.fingerprint(), "inputs": r.inputs, "weights": rt.weights_id,
+    return {"job_fingerprint": rt.job.fingerprint(), "inputs": r.inputs, "corpus_rows": list(r.corpus_rows),
+            "weights": rt.weights_id,
             "documents": r.documents, "empty_documents": r.empty_documents,
             "repeated_texts": r.repeated_texts, "windows": r.windows, "tokens": r.tokens,
             "rows": r.rows, "seconds": r.seconds, "provenance": rt.provenance}

@@ -14,6 +14,7 @@ import pytest
 
 from pipeline.corpus import Corpus, open_corpus
 from pipeline.errors import CorpusError
+from pipeline.store.plan import contiguous
 from pipeline.executor.local import run_job
 from pipeline.inspect import open_table
 from pipeline.job import CorpusSpec, load_job
@@ -177,7 +178,8 @@ def test_doc_id_without_id_column_is_sha1_prefix(tmp_path):
     assert all(len(i) == 16 for i in first)
     # Stable: the same text gets the same id from another file, order and shard.
     _jsonl(tmp_path / "d.jsonl", list(reversed(ROWS)))
-    second = _corpus(tmp_path, CorpusSpec(path="d.jsonl")).shard(2, 1).doc_ids
+    d = _corpus(tmp_path, CorpusSpec(path="d.jsonl"))
+    second = d.shard(1, *contiguous(len(d), 2)[1]).doc_ids
     assert second and set(second) <= set(first)
 
 
@@ -297,12 +299,13 @@ def test_sharding_deterministic_and_complete(tmp_path, num_shards):
     _jsonl(tmp_path / "c.jsonl", rows)
     spec = CorpusSpec(path="c.jsonl", id_column="id")
     corpus = _corpus(tmp_path, spec)
-    shards = [corpus.shard(num_shards, s) for s in range(num_shards)]
+    plan = contiguous(len(corpus), num_shards)
+    shards = [corpus.shard(s, *plan[s]) for s in range(num_shards)]
     first = [s.doc_ids for s in shards]
     again = _corpus(tmp_path, spec)
-    second = [again.shard(num_shards, s).doc_ids for s in range(num_shards)]
+    second = [again.shard(s, *plan[s]).doc_ids for s in range(num_shards)]
     assert first == second
-    assert [s.fingerprint for s in shards] == [again.shard(num_shards, s).fingerprint for s in range(num_shards)]
+    assert [s.fingerprint for s in shards] == [again.shard(s, *plan[s]).fingerprint for s in range(num_shards)]
     union = [i for shard in first for i in shard]
     assert sorted(union, key=int) == [str(i) for i in range(23)]
     assert len(union) == len(set(union)) == 23

@@ -193,7 +193,7 @@ def test_crash_mid_shard_leaves_nothing_that_looks_complete(tmp_path, corpus, ti
     real_reduce, real_run_shard = reduce_module.reduce_batch, shard_module.run_shard
 
     def tracking(job, shard, *args, **kwargs):
-        current["shard"] = shard
+        current["shard"] = getattr(shard, "index", shard)
         return real_run_shard(job, shard, *args, **kwargs)
 
     def flaky(*args, **kwargs):

@@ -19,8 +19,9 @@ from ..corpus import Corpus
 from ..errors import OutputError
 from ..job import JobSpec
 from ..runtime import Runtime, open_job_corpus
-from ..store.dataset import choose_output, recover, write_info, write_manifest
+from ..store.dataset import choose_output, read_info, recover, write_info, write_manifest
 from ..store.lock import OutputLock
+from ..store.plan import ShardSpec, make_plan, shard_specs
 
 log = logging.getLogger("attnpipe")
 
@@ -34,10 +35,12 @@ class RunSummary:
     repeated_texts: int = 0
 
 
-def check_inputs(out: Path, records: dict[int, dict], corpus: Corpus, num_shards: int) -> None:
-    """Refuse to add shards beside committed ones whose documents have changed since."""
+def check_inputs(out: Path, records: dict[int, dict], corpus: Corpus) -> None:
+    """Refuse to add shards beside committed ones whose documents have changed since (a corpus
+    that only grew by appending keeps every committed shard's documents)."""
     for shard, record in sorted(records.items()):
-        now = corpus.shard(num_shards, shard).fingerprint
+        start, stop = record.get("corpus_rows", (0, 0))
+        now = corpus.shard(shard, start, stop).fingerprint if stop <= len(corpus) else None
         if record.get("inputs") != now:
             raise OutputError(f"the corpus changed since shard {shard} of {out} was committed (its documents or "
                               "their texts differ); rerun with --new-run to write a new version beside the old "
@@ -55,8 +58,8 @@ def check_weights(out: Path, records: dict[int, dict], rt: Runtime) -> None:
 class _Progress:
     """A token bar with an ETA: the total is estimated from the characters still to read."""
 
-    def __init__(self, job: JobSpec, corpus: Corpus, todo: list[int], device: str, quiet: bool):
-        shards = [corpus.shard(job.run.num_shards, s) for s in todo]
+    def __init__(self, job: JobSpec, corpus: Corpus, todo: list[ShardSpec], device: str, quiet: bool):
+        shards = [corpus.shard(s.index, s.start, s.stop) for s in todo]
         self.docs = sum(len(s.rows) for s in shards)
         self.chars_total = int(sum(int(s.chars.sum()) for s in shards))
         self.chars = self.tokens = self.done = 0
@@ -86,32 +89,32 @@ def run_job(job: JobSpec, quiet: bool = False, lm=None, new_run: bool = False) -
         log.info("%d documents repeat the text of an earlier one; their ids end in -2, -3, ... "
                  "(documents.occurrence > 1)", corpus.repeated_texts)
     created = [p for p in [out, *out.parents] if not p.exists()]
-    n = job.run.num_shards
     ran, committed = [], {}
     try:
         out.mkdir(parents=True, exist_ok=True)
         with OutputLock(out, job.run.lock_lease) as lock:
             committed = recover(out)
-            check_inputs(out, committed, corpus, n)
-            todo = [s for s in range(n) if s not in committed]
+            check_inputs(out, committed, corpus)
+            plan = make_plan(len(corpus), job.run.num_shards, (read_info(out) or {}).get("plan"), committed)
+            todo = [s for s in shard_specs(plan) if s.index not in committed]
             if todo:
                 from ..shard import run_shard  # torch and the model load only when there is work
 
                 rt = Runtime.build(job, corpus, lm)
                 faults.point("load")
                 check_weights(out, committed, rt)
-                write_info(out, job.model_dump(), fingerprint, parts)
+                write_info(out, job.model_dump(), fingerprint, parts, plan)
                 progress = _Progress(job, corpus, todo, str(rt.model.device), quiet)
                 try:
                     for shard in todo:
                         lock.check()
                         run_shard(job, shard, rt, out, progress)
-                        ran.append(shard)
-                        write_manifest(out, n)
+                        ran.append(shard.index)
+                        write_manifest(out)
                 finally:
                     progress.close()
                 faults.point("last")
-            manifest = write_manifest(out, n)
+            manifest = write_manifest(out)
     except OSError as exc:
         raise OutputError(f"cannot write to {out}: {exc.strerror or exc} (errno {exc.errno}); "
                           "shards committed before this are kept, and a rerun continues from them") from None

@@ -101,14 +101,21 @@ def choose_output(root: Path, fingerprint: str, parts: dict, new_run: bool) -> P
                       "or choose another --output")
 
 
-def write_info(out: Path, job_dict: dict, fingerprint: str, parts: dict) -> None:
+def write_info(out: Path, job_dict: dict, fingerprint: str, parts: dict, plan: dict) -> None:
+    """Write `_dataset.json` (under the lock) when it is new, of another job, or the plan grew."""
     current = read_info(out)
-    if current and current.get("job_fingerprint") == fingerprint:
+    if current and current.get("job_fingerprint") == fingerprint and current.get("plan") == plan:
         return
+    created = current.get("created") if current and current.get("job_fingerprint") == fingerprint else None
     write_json_atomic(Path(out) / paths.DATASET, {
         "format_version": paths.FORMAT_VERSION, "attnpipe_version": __version__,
-        "job_fingerprint": fingerprint, "fingerprint_parts": parts, "job": job_dict,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        "job_fingerprint": fingerprint, "fingerprint_parts": parts, "job": job_dict, "plan": plan,
+        "created": created or time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def planned_shards(info: dict | None) -> int | None:
+    plan = (info or {}).get("plan")
+    return len(plan["shards"]) if plan else None
 
 
 def _committed_names(records: dict[int, dict]) -> set[str]:
@@ -186,7 +193,9 @@ def manifest(out: Path, info: dict | None, records: dict[int, dict], num_shards:
             "provenance": latest.get("provenance", {})}
 
 
-def write_manifest(out: Path, num_shards: int) -> dict:
-    data = manifest(out, read_info(out), read_records(out), num_shards)
+def write_manifest(out: Path) -> dict:
+    info = read_info(out)
+    records = read_records(out)
+    data = manifest(out, info, records, planned_shards(info) or len(records))
     write_json_atomic(Path(out) / paths.MANIFEST, data)
     return data

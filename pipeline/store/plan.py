@@ -1,0 +1,66 @@
+"""The shard plan: which corpus rows each shard covers, fixed once a shard is committed.
+
+The first run splits the corpus rows into `num_shards` contiguous ranges. The plan is kept in
+`_dataset.json`; when the corpus has grown by appending, the new rows become new shards of the
+same size at the end, and committed shards keep their rows (their records and files untouched).
+A corpus with fewer rows than committed shards cover was not appended to, and is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..errors import OutputError
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One shard of the plan: corpus rows [start, stop)."""
+
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def contiguous(rows: int, num_shards: int) -> list[list[int]]:
+    """[start, stop) of each of `num_shards` shards, sizes differing by at most one (the split
+    of datasets' `Dataset.shard(contiguous=True)`); shards past the last row are empty."""
+    div, mod = divmod(rows, num_shards)
+    bounds, start = [], 0
+    for i in range(num_shards):
+        stop = start + div + (1 if i < mod else 0)
+        bounds.append([start, stop])
+        start = stop
+    return bounds
+
+
+def make_plan(rows: int, num_shards: int, stored: dict | None, committed: dict[int, dict]) -> dict:
+    """The plan for a corpus of `rows` rows: the stored plan, extended for appended rows; a new
+    one when nothing is committed yet."""
+    if not stored or not committed:
+        return {"num_shards": num_shards, "rows_per_shard": max(1, math.ceil(rows / num_shards)),
+                "corpus_rows": rows, "shards": contiguous(rows, num_shards)}
+    shards = [list(s) for s in stored["shards"]]
+    covered = shards[-1][1] if shards else 0
+    needed = max((stored["shards"][s][1] for s in committed if s < len(stored["shards"])), default=0)
+    if rows < needed:
+        raise OutputError(f"the corpus has {rows} rows, fewer than the {needed} that committed shards cover: rows "
+                          "were removed or the corpus replaced, not appended to; rerun with --new-run to write a "
+                          "new version beside the old data, or choose another --output")
+    if rows < covered:  # planned but uncommitted shards past the end: plan them again
+        shards = [s for i, s in enumerate(shards) if s[1] <= rows or i in committed]
+        covered = shards[-1][1] if shards else 0
+    step = stored["rows_per_shard"]
+    while covered < rows:
+        shards.append([covered, min(covered + step, rows)])
+        covered = shards[-1][1]
+    return {**stored, "corpus_rows": rows, "shards": shards}
+
+
+def shard_specs(plan: dict) -> list[ShardSpec]:
+    return [ShardSpec(i, start, stop) for i, (start, stop) in enumerate(plan["shards"])]
