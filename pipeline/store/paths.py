@@ -3,6 +3,7 @@
     OUT/_dataset.json                  what this dataset is: job, fingerprint (written at first commit)
     OUT/_commits/shard-00000.json      a shard's completion record: the shard exists iff this exists
     OUT/_manifest.json                 a summary derived from the records (never read back as truth)
+    OUT/_failures/shard-00003.json     a shard that failed all its retries: the error (until it commits)
     OUT/_lock                          held by the run writing to OUT (host, pid, start time)
     OUT/_staging/shard-00000-<attempt>/...   files of an attempt in progress
     OUT/documents/shard-00000-<attempt>-0.parquet
@@ -19,6 +20,7 @@ from pathlib import Path
 DATASET = "_dataset.json"
 MANIFEST = "_manifest.json"
 COMMITS = "_commits"
+FAILURES = "_failures"
 STAGING = "_staging"
 LOCK = "_lock"
 FORMAT_VERSION = 2  # the layout above; version 1 (attnpipe 0.1) had no commit records
@@ -54,6 +56,10 @@ def staging_dir(out: Path, shard: int, attempt: str) -> Path:
 
 def record_path(out: Path, shard: int) -> Path:
     return Path(out) / COMMITS / f"{shard_name(shard)}.json"
+
+
+def failure_path(out: Path, shard: int) -> Path:
+    return Path(out) / FAILURES / f"{shard_name(shard)}.json"
 
 
 def version_dir(out: Path, version: int) -> Path:

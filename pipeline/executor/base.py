@@ -1,0 +1,185 @@
+"""What every executor does around its shards, so that executors only schedule.
+
+`JobRun` chooses the output version, opens the corpus, takes the output's lock, cleans up what
+killed attempts left, refuses a corpus or model that changed under committed shards, plans the
+shards (appended corpus rows become new shards), and on leaving writes the manifest, releases
+the lock, and removes a folder this run created but committed nothing to. Executors call
+`begin` before the first shard, `done` / `failed` per shard. The driver never holds rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..corpus import Corpus
+from ..errors import OutputError
+from ..job import JobSpec
+from ..runtime import open_job_corpus
+from ..store import paths
+from ..store.commit import write_json_atomic
+from ..store.dataset import choose_output, read_info, recover, write_info, write_manifest
+from ..store.lock import OutputLock
+from ..store.plan import ShardSpec, make_plan, shard_specs
+
+log = logging.getLogger("attnpipe")
+
+
+@dataclass
+class RunSummary:
+    output: Path
+    shards_run: list[int]
+    shards_skipped: list[int]
+    totals: dict
+    repeated_texts: int = 0
+    failed: dict[int, str] | None = None
+
+
+def check_inputs(out: Path, records: dict[int, dict], corpus: Corpus) -> None:
+    """Refuse to add shards beside committed ones whose documents have changed since (a corpus
+    that only grew by appending keeps every committed shard's documents)."""
+    for shard, record in sorted(records.items()):
+        start, stop = record.get("corpus_rows", (0, 0))
+        now = corpus.shard(shard, start, stop).fingerprint if stop <= len(corpus) else None
+        if record.get("inputs") != now:
+            raise OutputError(f"the corpus changed since shard {shard} of {out} was committed (its documents or "
+                              "their texts differ); rerun with --new-run to write a new version beside the old "
+                              "data, or choose another --output")
+
+
+def check_weights(out: Path, records: dict[int, dict], weights_id: str | None) -> None:
+    if weights_id is None:  # a hub model without a pinned revision: known only once loaded
+        return
+    for shard, record in sorted(records.items()):
+        if record.get("weights") != weights_id:
+            raise OutputError(f"the model's weights changed since shard {shard} of {out} was committed "
+                              f"({str(record.get('weights'))[:12]}... then, {weights_id[:12]}... now); rerun "
+                              "with --new-run to write a new version beside the old data, or choose another --output")
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+class JobRun:
+    def __init__(self, job: JobSpec, new_run: bool = False):
+        self.job, self.new_run = job, new_run
+        self.ran: list[int] = []
+        self.failures: dict[int, str] = {}
+        self.committed: dict[int, dict] = {}
+        self.manifest: dict = {}
+
+    def __enter__(self) -> "JobRun":
+        job = self.job
+        self.fingerprint, self.parts = job.fingerprint(), job.fingerprint_parts()
+        self.out = choose_output(job.output_dir(), self.fingerprint, self.parts, self.new_run)
+        self.corpus = open_job_corpus(job)  # a bad corpus fails here, before anything is created
+        if self.corpus.repeated_texts and not job.corpus.id_column:
+            log.info("%d documents repeat the text of an earlier one; their ids end in -2, -3, ... "
+                     "(documents.occurrence > 1)", self.corpus.repeated_texts)
+        self.created = [p for p in [self.out, *self.out.parents] if not p.exists()]
+        self.lock = OutputLock(self.out, job.run.lock_lease)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()
+        except OSError as exc:
+            self._cleanup()
+            raise self._os_error(exc) from None
+        except BaseException:
+            self._cleanup()
+            raise
+        try:
+            self.committed = recover(self.out)
+            check_inputs(self.out, self.committed, self.corpus)
+            self.plan = make_plan(len(self.corpus), job.run.num_shards, (read_info(self.out) or {}).get("plan"),
+                                  self.committed)
+            self.todo: list[ShardSpec] = [s for s in shard_specs(self.plan) if s.index not in self.committed]
+        except BaseException as exc:
+            self.__exit__(type(exc), exc, None)
+            raise
+        return self
+
+    def begin(self, weights_id: str | None) -> None:
+        """Before the first shard: the model's weights are those of the committed shards."""
+        check_weights(self.out, self.committed, weights_id)
+        write_info(self.out, self.job.model_dump(), self.fingerprint, self.parts, self.plan)
+
+    def done(self, shard: int) -> None:
+        self.ran.append(shard)
+        paths.failure_path(self.out, shard).unlink(missing_ok=True)
+        write_manifest(self.out)
+
+    def failed(self, spec: ShardSpec, error: str, attempts: int, executor: str) -> None:
+        self.failures[spec.index] = error
+        write_json_atomic(paths.failure_path(self.out, spec.index), {
+            "shard": spec.index, "corpus_rows": [spec.start, spec.stop], "error": error,
+            "attempts": attempts, "executor": executor, "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if self.lock.path.exists() and (self.out / paths.COMMITS).is_dir():
+                for shard in list(self.committed) + self.ran:  # failures of shards that committed since
+                    paths.failure_path(self.out, shard).unlink(missing_ok=True)
+                self.manifest = write_manifest(self.out)
+        except OSError:
+            pass
+        finally:
+            self.lock.release()
+            self._cleanup()
+        if exc_type is not None and issubclass(exc_type, OSError):
+            raise self._os_error(exc) from None
+
+    def _cleanup(self) -> None:
+        if self.created and not self.committed and not self.ran:
+            shutil.rmtree(self.created[-1], ignore_errors=True)  # this run made the folder and committed nothing
+
+    def _os_error(self, exc: OSError) -> OutputError:
+        return OutputError(f"cannot write to {self.out}: {exc.strerror or exc} (errno {exc.errno}); shards "
+                           "committed before this are kept, and a rerun continues from them")
+
+    def summary(self) -> RunSummary:
+        return RunSummary(self.out, self.ran, sorted(self.committed), self.manifest.get("totals", {}),
+                          self.corpus.repeated_texts, self.failures or None)
+
+    def raise_failures(self) -> None:
+        """After the run: one error naming every shard that kept failing, and what to do."""
+        if not self.failures:
+            return
+        shown = "; ".join(f"shard {s}: {e}" for s, e in sorted(self.failures.items())[:3])
+        more = f"; and {len(self.failures) - 3} more" if len(self.failures) > 3 else ""
+        raise OutputError(f"{len(self.failures)} of {len(self.plan['shards'])} shards failed after "
+                          f"{self.job.run.retries + 1} attempts ({shown}{more}); the other shards are committed "
+                          f"in {self.out}; fix the cause and rerun to retry the failed ones")
+
+
+class Progress:
+    """A token bar with an ETA: the total is estimated from the characters still to read."""
+
+    def __init__(self, job: JobSpec, corpus: Corpus, todo: list[ShardSpec], where: str, quiet: bool):
+        shards = [corpus.shard(s.index, s.start, s.stop) for s in todo]
+        self.docs = sum(len(s.rows) for s in shards)
+        self.shards, self.shards_done, self.shards_failed = len(todo), 0, 0
+        self.chars_total = int(sum(int(s.chars.sum()) for s in shards))
+        self.chars = self.tokens = self.done = 0
+        self.bar = tqdm(total=max(self.chars_total // 4, 1), unit="tok", unit_scale=True, dynamic_ncols=True,
+                        disable=quiet or not job.run.progress, desc=f"{job.name} ({where})")
+
+    def __call__(self, docs: int, tokens: int, chars: int) -> None:
+        self.done += docs
+        self.tokens += tokens
+        self.chars += chars
+        if self.chars:
+            ratio = self.tokens / self.chars
+            self.bar.total = max(int(self.tokens + (self.chars_total - self.chars) * ratio), self.tokens, 1)
+        shards = f"shards {self.shards_done}/{self.shards}" + (f", {self.shards_failed} failed" if self.shards_failed else "")
+        self.bar.set_postfix_str(f"{self.done}/{self.docs} docs, {shards}", refresh=False)
+        self.bar.update(tokens)
+
+    def close(self) -> None:
+        self.bar.close()
