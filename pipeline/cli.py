@@ -45,12 +45,21 @@ def cli():
 @click.option("--model", "model_name", help="Model directory or hub name (model.name).")
 @click.option("--num-shards", type=click.IntRange(min=1), help="run.num_shards.")
 @click.option("--batch-tokens", type=click.IntRange(min=1), help="run.batch_tokens.")
+@click.option("--executor", type=click.Choice(["local", "dask"]), help="run.executor: this process, or Dask.")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="run.workers: start a local Dask cluster of N workers (implies --executor dask).")
+@click.option("--scheduler", help="run.scheduler: join the Dask cluster at this address (implies --executor dask).")
+@click.option("--retries", type=click.IntRange(min=0), help="run.retries: attempts after the first for a failing shard.")
 @click.option("--new-run", is_flag=True,
               help="Start a new version (OUTPUT/v2, v3, ...) beside the old data, after the job, the "
                    "corpus or the model changed. Rerun without it to resume that version.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the plan (output folder, committed shards, shards to run with their rows and "
+                   "documents, estimated tokens and output size) without loading the model or writing anything.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @command_boundary
-def run(job_file, output, limit, device, dtype, model_name, num_shards, batch_tokens, new_run, quiet):
+def run(job_file, output, limit, device, dtype, model_name, num_shards, batch_tokens, executor, workers,
+        scheduler, retries, new_run, dry_run, quiet):
     """Run JOB_FILE (TOML): corpus -> model -> recipes -> Parquet tables. Each shard is committed
     on its own; a rerun of the same job skips committed shards."""
     from .job import load_job
@@ -58,12 +67,22 @@ def run(job_file, output, limit, device, dtype, model_name, num_shards, batch_to
     # The job file is checked before torch, datasets or the model are imported.
     job = load_job(job_file, overrides={
         "run.output": output, "corpus.limit": limit, "run.device": device, "model.dtype": dtype,
-        "model.name": model_name, "run.num_shards": num_shards, "run.batch_tokens": batch_tokens})
+        "model.name": model_name, "run.num_shards": num_shards, "run.batch_tokens": batch_tokens,
+        "run.executor": executor or ("dask" if workers or scheduler else None), "run.workers": workers,
+        "run.scheduler": scheduler, "run.retries": retries})
     show_notes(quiet)
-    quiet_libraries()
-    from .executor.local import run_job
+    if dry_run:  # no torch, no model, nothing written
+        import datasets
 
-    summary = run_job(job, quiet=quiet, new_run=new_run)
+        from .plan_preview import format_preview, preview
+
+        datasets.disable_progress_bars()
+        click.echo(format_preview(preview(job, new_run=new_run)))
+        return
+    quiet_libraries()
+    from .executor import run as run_executor
+
+    summary = run_executor(job, quiet=quiet, new_run=new_run)
     if not quiet:
         t = summary.totals
         skipped = f", {len(summary.shards_skipped)} already committed" if summary.shards_skipped else ""
@@ -159,6 +178,192 @@ def files(output, table):
         raise OutputError(f"{output} has no commit records: not an attnpipe output, or nothing committed yet")
     for path in committed_files(output, table):
         click.echo(str(path))
+
+
+@cli.command()
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for schedulers.")
+@command_boundary
+def status(output, as_json):
+    """Where OUTPUT stands: shards committed, failed (with their error) and pending, whether a
+    run holds its lock now, rows per table, documents and tokens, the last run and its
+    throughput; later versions (OUTPUT/v2, ...) are listed. Read from the plan and the records
+    only (no data file is opened; 'attnpipe verify' checks the files).
+
+    \b
+    Exit codes:
+      0  complete: every planned shard committed, none failed
+      3  not complete: pending or failed shards (or a run still starting)
+      1  error: not an attnpipe output, storage format 1, an unreadable record
+    """
+    from .store.status import format_status
+    from .store.status import status as read_status
+
+    s = read_status(output)
+    click.echo(json.dumps(s, indent=2, default=str) if as_json else format_status(s))
+    if s["exit_code"]:
+        raise SystemExit(s["exit_code"])
+
+
+# --- the read side: query, heads, plot, report (pipeline/read; never imports torch) -------------
+
+def _out_option(help_text: str):
+    return click.option("--out", "-o", "out_file", type=click.Path(dir_okay=False), help=help_text)
+
+
+@cli.command()
+@click.argument("output", type=click.Path(file_okay=False))
+@click.argument("sql")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]), default="table",
+              show_default=True, help="Aligned table for people; CSV, JSON (an array of rows) or Parquet for programs.")
+@_out_option("Write the result to FILE instead of stdout (required for --format parquet).")
+@click.option("--max-rows", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Rows shown by --format table (0: all); the other formats write every row.")
+@command_boundary
+def query(output, sql, fmt, out_file, max_rows):
+    """Run one read-only SQL statement (DuckDB) over the committed tables of OUTPUT.
+
+    Views: documents, tokens, head_stats, edges, rollout, maps (those the job wrote), and
+    edges_tokens / rollout_tokens (edges and rollout with query_token and key_token). Only
+    SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE and EXPLAIN run; writes, COPY, ATTACH, INSTALL/LOAD
+    and reading any file but the committed ones are refused.
+
+    Example: attnpipe query out/demo "SELECT key_token, weight FROM edges_tokens WHERE
+    doc_id = 'demo-0001' AND layer = 5 AND head = -1 AND query_token = 'it' ORDER BY weight DESC"
+    """
+    show_notes(quiet=False)
+    from .read import open_dataset
+    from .read.output import write_result
+
+    with open_dataset(output) as ds:
+        reader = ds.query.fetch(ds.query.run(sql), "reader")
+        rows = write_result(reader, fmt, out_file, max_rows)
+    if out_file:
+        click.echo(f"wrote {rows:,} rows to {out_file}", err=True)
+
+
+@cli.command()
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True,
+              help="Aligned table (mean±std) for people; CSV or JSON with every mean and std column.")
+@_out_option("Write to FILE instead of stdout.")
+@click.option("--rules", "rules_file", type=click.Path(dir_okay=False),
+              help="TOML or JSON file of label thresholds (positional, fixed_token, punctuation, special, "
+                   "broad_entropy, local_distance, focused_entropy); unset keys keep their defaults.")
+@command_boundary
+def heads(output, fmt, out_file, rules_file):
+    """The head atlas of OUTPUT: one row per (layer, head), head_stats averaged over windows (each
+    window weighted equally) with its standard deviation, and a label per head (previous, next,
+    self, first-token, separator, punctuation, special, broad, local, focused or mixed) from
+    documented thresholds on normalised entropy and attention mass."""
+    show_notes(quiet=False)
+    import pyarrow as pa
+
+    from .read import open_dataset
+    from .read.heads import display_frame, head_atlas, load_rules
+    from .read.output import write_result
+    from .read.query import reader_of
+
+    rules = load_rules(rules_file)
+    with open_dataset(output) as ds:
+        atlas = head_atlas(ds, rules)
+    frame = display_frame(atlas) if fmt == "table" else atlas
+    write_result(reader_of(pa.Table.from_pandas(frame, preserve_index=False)), fmt, out_file, max_rows=0)
+
+
+def _span(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    start, sep, end = value.partition(":")
+    try:
+        return int(start or 0), int(end) if end else 1 << 30
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give START:END token positions, e.g. 0:40", param_hint="--span") from None
+
+
+@cli.command()
+@click.argument("output", type=click.Path(file_okay=False))
+@_out_option("Image to write: FILE.png or FILE.svg.")
+@click.option("--doc", "doc_id", help="Document id (heatmap and --rollout).")
+@click.option("--layer", type=int, help="Layer of the heatmap (0-based).")
+@click.option("--head", help="Head of the heatmap: a number, or 'mean' for the mean over heads.")
+@click.option("--window", "window_index", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Window of a long document.")
+@click.option("--grid", "grid_stat", help="Instead of a heatmap: a layers x heads grid of one head_stats "
+                                           "statistic (e.g. entropy_norm, first_mass, prev_mass), annotated with labels.")
+@click.option("--rollout", "rollout_token",
+              help="Instead of a heatmap: what this token (a position or a token string) attends to after "
+                   "rollout, layer by layer.")
+@click.option("--span", help="Crop to token positions START:END (e.g. 0:40) of the window.")
+@click.option("--words", is_flag=True, help="Merge subword tokens into words through their character offsets "
+                                             "(sum over the attended word's pieces, mean over the attending word's).")
+@click.option("--recipe", help="For heatmaps from edges: the recipe to draw (topk, threshold, topp); "
+                               "default: the one with most rows.")
+@click.option("--rules", "rules_file", type=click.Path(dir_okay=False),
+              help="Label thresholds for --grid (TOML or JSON, as for 'attnpipe heads').")
+@command_boundary
+def plot(output, out_file, doc_id, layer, head, window_index, grid_stat, rollout_token, span, words, recipe,
+         rules_file):
+    """Draw OUTPUT's attention as PNG or SVG: a heatmap of one document, layer and head labelled
+    with its tokens (from maps, or from edges as a sparse view when no dense map was stored);
+    with --grid a layers x heads grid of a statistic; with --rollout a rollout view."""
+    show_notes(quiet=False)
+    from .read import open_dataset, plots
+    from .read.heads import head_atlas, load_rules
+    from .read.matrices import attention_matrix, crop, merge_words, parse_head, rollout_matrix
+
+    if not out_file:
+        raise click.UsageError("give the image to write with -o FILE.png or FILE.svg")
+    plots.image_format(out_file)
+    cropped = _span(span)
+    with open_dataset(output) as ds:
+        if grid_stat:
+            fig = plots.grid_figure(head_atlas(ds, load_rules(rules_file)), grid_stat)
+        else:
+            if not doc_id:
+                raise click.UsageError("give --doc ID (with --layer and --head, or --rollout TOKEN), or --grid STAT")
+            if rollout_token is not None:
+                m, tokens = rollout_matrix(ds, doc_id, rollout_token, window_index)
+                rows = False
+            else:
+                if layer is None or head is None:
+                    raise click.UsageError("a heatmap needs --layer L and --head H (a number or 'mean')")
+                m = attention_matrix(ds, doc_id, layer, parse_head(head), window_index, recipe)
+                tokens, rows = ds.tokens(doc_id, window_index), True
+            if cropped:
+                m = crop(m, *cropped, rows=rows)
+                tokens = tokens.iloc[cropped[0]:cropped[1]]
+            if words:
+                m = merge_words(m, tokens, rows=rows)
+            fig = plots.matrix_figure(m)
+        plots.save(fig, out_file)
+    click.echo(f"wrote {out_file}", err=True)
+
+
+@cli.command()
+@click.argument("output", type=click.Path(file_okay=False))
+@_out_option("The HTML file to write (one self-contained file; opens offline).")
+@click.option("--doc", "doc_ids", multiple=True, help="A document for the heatmaps and the head view "
+                                                       "(repeat for several); default: a few short ones.")
+@click.option("--docs", "count", type=click.IntRange(min=1), default=3, show_default=True,
+              help="How many documents to show when --doc is not given.")
+@click.option("--rules", "rules_file", type=click.Path(dir_okay=False),
+              help="Label thresholds for the head atlas (TOML or JSON, as for 'attnpipe heads').")
+@command_boundary
+def report(output, out_file, doc_ids, count, rules_file):
+    """Write one self-contained HTML report of OUTPUT: provenance and table sizes, the head atlas
+    and its grids, heatmaps of a few documents, and an interactive head view (pick a layer and a
+    head, point at a token to see what it attends to). No network is needed to open it."""
+    show_notes(quiet=False)
+    from .read import open_dataset
+    from .read.heads import load_rules
+    from .read.report import write_report
+
+    if not out_file:
+        raise click.UsageError("give the file to write with -o FILE.html")
+    with open_dataset(output) as ds:
+        path = write_report(ds, out_file, list(doc_ids) or None, count, load_rules(rules_file))
+    click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)", err=True)
 
 
 class _NoteHandler(logging.Handler):

@@ -12,6 +12,7 @@ to the writer as each batch comes back from the model.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from .reduce import Output, reduce_batch
 from .runtime import Runtime
 from .store import commit as store_commit
 from .store import paths
+from .store.location import Location, as_location
 from .store.plan import ShardSpec
 from .store.writer import FileInfo, ShardWriter
 from .windows import Window, make_batches, tokenize
@@ -141,59 +143,68 @@ def _write_unit(writer: ShardWriter, rt: Runtime, unit: list[Window], doc_ids: l
         faults.point("batch")
 
 
-def run_shard(job: JobSpec, spec: ShardSpec, rt: Runtime, out: Path, progress: Progress | None = None
-              ) -> ShardResult:
+def run_shard(job: JobSpec, spec: ShardSpec, rt: Runtime, out: Location | Path | str,
+              progress: Progress | None = None) -> ShardResult:
     """Process, write and commit one shard. Leaves nothing visible unless it commits."""
     started = time.perf_counter()
-    out = Path(out)
-    shard = spec.index
-    faults.shard_start(shard)
-    docs = rt.corpus.shard(shard, spec.start, spec.stop)
+    loc = as_location(out)
+    faults.shard_start(spec.index)
+    docs = rt.corpus.shard(spec.index, spec.start, spec.stop)
     attempt = paths.new_attempt()
-    tokens_total = windows_total = empty_total = 0
-    tok = rt.model.tokenizer
-    with ShardWriter(out, shard, attempt, rt.provenance, weight_dtype=job.run.weight_dtype,
-                     buffer_bytes=job.run.buffer_mb << 20) as writer:
-        writer.recipes = {i: (r["name"], recipe_params(r)) for i, r in enumerate(job.recipes)}
-        for part in doc_chunks(docs):
-            rows = docs.rows[part]
-            texts = rt.corpus.texts(rows)
-            windows = tokenize(tok, texts, rt.window_length, job.model.stride)
-            meta = rt.corpus.metadata(rows)
-            writer.write_batch("documents", {**document_columns(docs, part, windows, texts, job.model.stride), **meta},
-                               extra=rt.corpus.metadata_schema())
-            doc_ids = docs.doc_ids[part]
-            writer.write_batch("tokens", token_columns(doc_ids, windows, tok))
-            remaining = np.bincount([w.doc_index for w in windows], minlength=len(texts))
-            share = docs.chars[part] / np.maximum(remaining, 1)  # characters per window, for the ETA
-            empty_total += int((remaining == 0).sum())
-            if progress:
-                progress(int((remaining == 0).sum()), 0, int(docs.chars[part][remaining == 0].sum()))
-            for unit in work_units(windows, UNIT_BATCHES * job.run.batch_tokens):
-                _write_unit(writer, rt, unit, doc_ids)
-                done = np.bincount([w.doc_index for w in unit], minlength=len(texts))
-                remaining -= done
-                if progress:
-                    progress(int(((done > 0) & (remaining == 0)).sum()), sum(len(w) for w in unit),
-                             int((share * done).sum()))
-            tokens_total += sum(len(w) for w in windows)
-            windows_total += len(windows)
-        files = writer.finalize()
-        rows_by_table: dict[str, int] = {}
-        for f in files:
-            rows_by_table[f.table] = rows_by_table.get(f.table, 0) + f.rows
-        result = ShardResult(shard, attempt, len(docs.rows), empty_total,
-                             int((docs.occurrence > 1).sum()), windows_total, tokens_total, rows_by_table,
-                             files, 0.0, docs.fingerprint, (spec.start, spec.stop))
-        try:
-            store_commit.publish(out, writer.staging, files)
-            result.seconds = round(time.perf_counter() - started, 3)
-            store_commit.commit(out, shard, attempt, files, record_info(rt, result))
-        except BaseException:
-            store_commit.unpublish(out, shard, attempt, files)  # a failed attempt leaves no data files
-            raise
+    staging_root, temporary = loc.staging_root()
+    try:
+        with ShardWriter(staging_root, spec.index, attempt, rt.provenance, weight_dtype=job.run.weight_dtype,
+                         buffer_bytes=job.run.buffer_mb << 20) as writer:
+            writer.recipes = {i: (r["name"], recipe_params(r)) for i, r in enumerate(job.recipes)}
+            counts = _write_documents(writer, rt, docs, progress)
+            files = writer.finalize()
+            rows = {}
+            for f in files:
+                rows[f.table] = rows.get(f.table, 0) + f.rows
+            result = ShardResult(spec.index, attempt, len(docs.rows), counts["empty"],
+                                 int((docs.occurrence > 1).sum()), counts["windows"], counts["tokens"], rows,
+                                 files, 0.0, docs.fingerprint, (spec.start, spec.stop))
+            try:
+                store_commit.publish(loc, writer.staging, files)
+                result.seconds = round(time.perf_counter() - started, 3)
+                store_commit.commit(loc, spec.index, attempt, files, record_info(rt, result))
+            except BaseException:
+                store_commit.unpublish(loc, spec.index, attempt, files)  # a failed attempt leaves no data files
+                raise
+    finally:
+        if temporary:
+            shutil.rmtree(staging_root, ignore_errors=True)
     faults.point("commit")
     return result
+
+
+def _write_documents(writer: ShardWriter, rt: Runtime, docs: ShardDocs, progress: Progress | None) -> dict:
+    """Every document of the shard, chunk by chunk, through the model and into the writer."""
+    job, tok = rt.job, rt.model.tokenizer
+    counts = {"tokens": 0, "windows": 0, "empty": 0}
+    for part in doc_chunks(docs):
+        rows = docs.rows[part]
+        texts = rt.corpus.texts(rows)
+        windows = tokenize(tok, texts, rt.window_length, job.model.stride)
+        writer.write_batch("documents", {**document_columns(docs, part, windows, texts, job.model.stride),
+                                         **rt.corpus.metadata(rows)}, extra=rt.corpus.metadata_schema())
+        doc_ids = docs.doc_ids[part]
+        writer.write_batch("tokens", token_columns(doc_ids, windows, tok))
+        remaining = np.bincount([w.doc_index for w in windows], minlength=len(texts))
+        share = docs.chars[part] / np.maximum(remaining, 1)  # characters per window, for the ETA
+        counts["empty"] += int((remaining == 0).sum())
+        if progress:
+            progress(int((remaining == 0).sum()), 0, int(docs.chars[part][remaining == 0].sum()))
+        for unit in work_units(windows, UNIT_BATCHES * job.run.batch_tokens):
+            _write_unit(writer, rt, unit, doc_ids)
+            done = np.bincount([w.doc_index for w in unit], minlength=len(texts))
+            remaining -= done
+            if progress:
+                progress(int(((done > 0) & (remaining == 0)).sum()), sum(len(w) for w in unit),
+                         int((share * done).sum()))
+        counts["tokens"] += sum(len(w) for w in windows)
+        counts["windows"] += len(windows)
+    return counts
 
 
 def record_info(rt: Runtime, r: ShardResult) -> dict:

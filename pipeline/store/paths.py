@@ -50,16 +50,26 @@ def data_file(table: str, shard: int, attempt: str, layer: int | None, recipe: i
     return folder / f"{shard_name(shard)}-{attempt}{tag}-{part}.parquet"
 
 
-def staging_dir(out: Path, shard: int, attempt: str) -> Path:
-    return Path(out) / STAGING / f"{shard_name(shard)}-{attempt}"
+def staging_dir(root: Path, shard: int, attempt: str) -> Path:
+    """Staging of one attempt under `root` (the output folder itself when it is local)."""
+    return Path(root) / STAGING / f"{shard_name(shard)}-{attempt}"
+
+
+def record_rel(shard: int) -> str:
+    return f"{COMMITS}/{shard_name(shard)}.json"
+
+
+def failure_rel(shard: int) -> str:
+    return f"{FAILURES}/{shard_name(shard)}.json"
 
 
 def record_path(out: Path, shard: int) -> Path:
-    return Path(out) / COMMITS / f"{shard_name(shard)}.json"
+    """A local output's record file of `shard`."""
+    return Path(out) / record_rel(shard)
 
 
 def failure_path(out: Path, shard: int) -> Path:
-    return Path(out) / FAILURES / f"{shard_name(shard)}.json"
+    return Path(out) / failure_rel(shard)
 
 
 def version_dir(out: Path, version: int) -> Path:

@@ -155,12 +155,12 @@ class ShardWriter:
     `finalize()` -> the files, complete and fsynced, still in staging. Leaving the block with an
     error deletes the attempt's staging folder; nothing of it was ever visible."""
 
-    def __init__(self, out: Path, shard: int, attempt: str, provenance: dict, *,
-                 weight_dtype: str = "float16", buffer_bytes: int = 64 << 20,
+    def __init__(self, staging_root: Path, shard: int, attempt: str, provenance: dict, *,
+                 weight_dtype: str = "bfloat16", buffer_bytes: int = 64 << 20,
                  flush_rows: int = 1 << 17, row_group_rows: int = 1 << 16,
                  max_file_bytes: int = 256 << 20):
-        self.out, self.shard, self.attempt = Path(out), shard, attempt
-        self.staging = paths.staging_dir(self.out, shard, attempt)
+        self.shard, self.attempt = shard, attempt
+        self.staging = paths.staging_dir(Path(staging_root), shard, attempt)
         self.provenance = json.dumps(provenance, sort_keys=True, default=str)
         self.weight_dtype = weight_dtype
         self.buffer_bytes, self.flush_rows = buffer_bytes, flush_rows
