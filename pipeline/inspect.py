@@ -10,21 +10,24 @@ import pyarrow.dataset as pads
 from .errors import OutputError
 from .store import paths
 from .store.commit import committed_files, read_records
-from .store.dataset import check_format, planned_shards, read_info, versions
+from .store.dataset import check_format, planned_shards, read_info, version_location, versions
+from .store.location import Location, as_location
 from .store.schema import load_schemas
 
 
-def open_table(out: Path, table: str, records: dict | None = None) -> pads.Dataset:
+def open_table(out: Location | Path | str, table: str, records: dict | None = None) -> pads.Dataset:
     """The committed files of one table as a pyarrow dataset (`layer` is a column)."""
-    files = [str(f) for f in committed_files(out, table, records)]
-    if not files:
-        raise OutputError(f"{out} has no committed rows of table {table!r}")
-    return pads.dataset(files, format="parquet")
+    loc = as_location(out)
+    records = read_records(loc) if records is None else records
+    rels = [f["path"] for _, r in sorted(records.items()) for f in r["files"] if f["table"] == table]
+    if not rels:
+        raise OutputError(f"{loc} has no committed rows of table {table!r}")
+    return pads.dataset([loc.path(r) for r in rels], format="parquet", filesystem=loc.arrow_filesystem())
 
 
-def summarize(out: Path) -> dict:
-    out = Path(out)
-    if not out.is_dir():
+def summarize(out: Location | Path | str) -> dict:
+    out = as_location(out)
+    if not out.isdir():
         raise OutputError(f"{out} is not a folder")
     check_format(out)
     info, records = read_info(out), read_records(out)
@@ -36,8 +39,7 @@ def summarize(out: Path) -> dict:
         files = [f for r in records.values() for f in r["files"] if f["table"] == name]
         if not files:
             continue
-        gone = [f["path"] for f in files if not (out / f["path"]).is_file()
-                or (out / f["path"]).stat().st_size != f["bytes"]]
+        gone = [f["path"] for f in files if not out.isfile(f["path"]) or out.size(f["path"]) != f["bytes"]]
         missing += gone
         t = {"rows": sum(f["rows"] for f in files), "files": len(files), "schema_version": schema.version}
         layers = sorted({f["layer"] for f in files if f["layer"] is not None})
@@ -48,7 +50,8 @@ def summarize(out: Path) -> dict:
         if names:
             t["recipes"] = names
         if "head" in schema.column_names and not gone:
-            heads = pads.dataset([str(out / f["path"]) for f in files], format="parquet").to_table(columns=["head"])
+            heads = pads.dataset([out.path(f["path"]) for f in files], format="parquet",
+                                 filesystem=out.arrow_filesystem()).to_table(columns=["head"])
             t["heads"] = sorted(heads.column("head").unique().to_pylist())
         tables[name] = t
     num_shards = planned_shards(info) or "?"
@@ -58,7 +61,7 @@ def summarize(out: Path) -> dict:
     return {"output": str(out), "status": "damaged" if missing else status,
             "job": (info or {}).get("job", {}).get("name"), "shards": f"{len(records)}/{num_shards} committed",
             "missing_files": missing, "tables": tables, "provenance": latest.get("provenance", {}),
-            "versions": [str(paths.version_dir(out, v)) for v in root_versions if v > 1]}
+            "versions": [str(version_location(out, v)) for v in root_versions if v > 1]}
 
 
 def _compact(values: list) -> str:

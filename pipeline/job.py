@@ -104,8 +104,10 @@ class JobSpec(_Section):
     # Set by load_job, not by the user: where relative corpus/model paths are resolved from.
     base_dir: str = "."
 
-    def output_dir(self) -> Path:
-        return Path(self.run.output or f"out/{self.name}")
+    def output_dir(self) -> Path | str:
+        """The output folder: a local path, or an fsspec URL (s3://bucket/attn, memory://x) as given."""
+        out = self.run.output or f"out/{self.name}"
+        return out if "://" in out and not out.startswith("file://") else Path(out.removeprefix("file://"))
 
     def resolve(self, path: str) -> Path:
         p = Path(path).expanduser()

@@ -14,7 +14,7 @@ an estimate, not a promise: compression depends on the data.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -23,7 +23,8 @@ from .job import JobSpec
 from .recipes import RECIPES
 from .store import paths
 from .store.commit import read_records
-from .store.dataset import check_format, choose_output, read_info
+from .store.location import as_location
+from .store.dataset import check_format, damaged_files as _damaged, choose_output, read_info
 from .store.plan import make_plan, shard_specs
 
 SAMPLE_DOCS = 200  # documents tokenized for the tokens-per-character ratio
@@ -188,15 +189,13 @@ def preview(job: JobSpec, new_run: bool = False) -> dict:
 
     root = job.output_dir()
     out = choose_output(root, job.fingerprint(), job.fingerprint_parts(), new_run)
-    exists = out.is_dir()
+    exists = out.isdir()
     if exists:
         check_format(out)
     info = read_info(out) if exists else None
     records = read_records(out) if exists else {}
     # As recover() would: a committed shard with a missing or truncated file is redone.
-    damaged = sorted(s for s, r in records.items()
-                     if any(not (out / f["path"]).is_file() or (out / f["path"]).stat().st_size != f["bytes"]
-                            for f in r["files"]))
+    damaged = sorted(s for s, r in records.items() if _damaged(out, r))
     committed = {s: r for s, r in records.items() if s not in damaged}
     corpus = open_job_corpus(job)
     check_inputs(out, committed, corpus)
@@ -253,7 +252,7 @@ def preview(job: JobSpec, new_run: bool = False) -> dict:
     done_records = list(committed.values())
     return {
         "output": str(out), "root": str(root), "exists": exists,
-        "version": out.name if out != root else None,
+        "version": PurePosixPath(out.root).name if out != as_location(root) else None,
         "new_run": new_run, "job": job.name, "executor": job.run.executor,
         "workers": job.run.workers, "scheduler": job.run.scheduler,
         "corpus_rows": len(corpus),

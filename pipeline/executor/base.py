@@ -10,7 +10,6 @@ the lock, and removes a folder this run created but committed nothing to. Execut
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,8 @@ from ..errors import OutputError
 from ..job import JobSpec
 from ..runtime import open_job_corpus
 from ..store import paths
-from ..store.commit import write_json_atomic
+from ..store.commit import write_json
+from ..store.location import Location
 from ..store.dataset import choose_output, read_info, recover, write_info, write_manifest
 from ..store.lock import OutputLock
 from ..store.plan import ShardSpec, make_plan, shard_specs
@@ -32,7 +32,7 @@ log = logging.getLogger("attnpipe")
 
 @dataclass
 class RunSummary:
-    output: Path
+    output: Path | str  # a Path for a local output, its URL otherwise
     shards_run: list[int]
     shards_skipped: list[int]
     totals: dict
@@ -40,7 +40,7 @@ class RunSummary:
     failed: dict[int, str] | None = None
 
 
-def check_inputs(out: Path, records: dict[int, dict], corpus: Corpus) -> None:
+def check_inputs(out: Location | Path, records: dict[int, dict], corpus: Corpus) -> None:
     """Refuse to add shards beside committed ones whose documents have changed since (a corpus
     that only grew by appending keeps every committed shard's documents)."""
     for shard, record in sorted(records.items()):
@@ -52,7 +52,7 @@ def check_inputs(out: Path, records: dict[int, dict], corpus: Corpus) -> None:
                               "data, or choose another --output")
 
 
-def check_weights(out: Path, records: dict[int, dict], weights_id: str | None) -> None:
+def check_weights(out: Location | Path, records: dict[int, dict], weights_id: str | None) -> None:
     if weights_id is None:  # a hub model without a pinned revision: known only once loaded
         return
     for shard, record in sorted(records.items()):
@@ -83,10 +83,10 @@ class JobRun:
         if self.corpus.repeated_texts and not job.corpus.id_column:
             log.info("%d documents repeat the text of an earlier one; their ids end in -2, -3, ... "
                      "(documents.occurrence > 1)", self.corpus.repeated_texts)
-        self.created = [p for p in [self.out, *self.out.parents] if not p.exists()]
+        self.created = self.out.parent_chain()
         self.lock = OutputLock(self.out, job.run.lock_lease)
         try:
-            self.out.mkdir(parents=True, exist_ok=True)
+            self.out.makedirs()
             self.lock.acquire()
         except OSError as exc:
             self._cleanup()
@@ -112,20 +112,20 @@ class JobRun:
 
     def done(self, shard: int) -> None:
         self.ran.append(shard)
-        paths.failure_path(self.out, shard).unlink(missing_ok=True)
+        self.out.rm(paths.failure_rel(shard))
         write_manifest(self.out)
 
     def failed(self, spec: ShardSpec, error: str, attempts: int, executor: str) -> None:
         self.failures[spec.index] = error
-        write_json_atomic(paths.failure_path(self.out, spec.index), {
+        write_json(self.out, paths.failure_rel(spec.index), {
             "shard": spec.index, "corpus_rows": [spec.start, spec.stop], "error": error,
             "attempts": attempts, "executor": executor, "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            if self.lock.path.exists() and (self.out / paths.COMMITS).is_dir():
+            if self.lock.held() and self.out.isdir(paths.COMMITS):
                 for shard in list(self.committed) + self.ran:  # failures of shards that committed since
-                    paths.failure_path(self.out, shard).unlink(missing_ok=True)
+                    self.out.rm(paths.failure_rel(shard))
                 self.manifest = write_manifest(self.out)
         except OSError:
             pass
@@ -137,14 +137,15 @@ class JobRun:
 
     def _cleanup(self) -> None:
         if self.created and not self.committed and not self.ran:
-            shutil.rmtree(self.created[-1], ignore_errors=True)  # this run made the folder and committed nothing
+            self.created[-1].rmtree()  # this run made the folder and committed nothing
 
     def _os_error(self, exc: OSError) -> OutputError:
         return OutputError(f"cannot write to {self.out}: {exc.strerror or exc} (errno {exc.errno}); shards "
                            "committed before this are kept, and a rerun continues from them")
 
     def summary(self) -> RunSummary:
-        return RunSummary(self.out, self.ran, sorted(self.committed), self.manifest.get("totals", {}),
+        output = Path(self.out.root) if self.out.local else self.out.url()
+        return RunSummary(output, self.ran, sorted(self.committed), self.manifest.get("totals", {}),
                           self.corpus.repeated_texts, self.failures or None)
 
     def raise_failures(self) -> None:

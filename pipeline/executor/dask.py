@@ -48,7 +48,7 @@ def shard_task(job: JobSpec, spec: ShardSpec, out: str, threads: int | None) -> 
 
             torch.set_num_threads(threads)
         _RUNTIMES[key] = Runtime.build(job)
-    result = run_shard(job, spec, _RUNTIMES[key], Path(out))
+    result = run_shard(job, spec, _RUNTIMES[key], out)
     return {"shard": result.shard, "documents": result.documents, "tokens": result.tokens,
             "seconds": result.seconds, "host": os.uname().nodename, "pid": os.getpid()}
 
@@ -101,7 +101,7 @@ def run_job_dask(job: JobSpec, quiet: bool = False, new_run: bool = False) -> Ru
             run.begin(model_weights_id(job.model.name, Path(job.base_dir), job.model.revision))
             with client_for(job) as (client, where, threads):
                 progress = Progress(job, run.corpus, run.todo, where, quiet)
-                futures = {client.submit(shard_task, job, spec, str(run.out), threads, retries=job.run.retries,
+                futures = {client.submit(shard_task, job, spec, run.out.url(), threads, retries=job.run.retries,
                                          key=f"attnpipe-{run.fingerprint}-shard-{spec.index}", pure=False): spec
                            for spec in run.todo}
                 try:

@@ -11,85 +11,88 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .. import __version__
 from ..errors import OutputError
 from . import paths
-from .commit import read_records, remove_record, write_json_atomic
+from .commit import read_records, remove_record, write_json
+from .location import Location, as_location
 
 log = logging.getLogger("attnpipe")
 
 
-def read_info(out: Path) -> dict | None:
-    path = Path(out) / paths.DATASET
-    if not path.is_file():
+def read_info(out: Location | Path | str) -> dict | None:
+    loc = as_location(out)
+    if not loc.isfile(paths.DATASET):
         return None
     try:
-        return json.loads(path.read_text())
+        return json.loads(loc.read_text(paths.DATASET))
     except (OSError, ValueError) as exc:
-        raise OutputError(f"{path} cannot be read ({exc}); move the folder away or choose another --output") from None
+        raise OutputError(f"{loc.url(paths.DATASET)} cannot be read ({exc}); move the folder away or choose "
+                          "another --output") from None
 
 
-def check_format(out: Path) -> None:
+def check_format(out: Location | Path | str) -> None:
     """Refuse folders written by attnpipe 0.1 (storage format 1), which had no commit records."""
-    manifest = Path(out) / paths.MANIFEST
-    if manifest.is_file() and not (Path(out) / paths.DATASET).exists():
+    loc = as_location(out)
+    if loc.isfile(paths.MANIFEST) and not loc.exists(paths.DATASET):
         try:
-            version = json.loads(manifest.read_text()).get("format_version", 1)
+            version = json.loads(loc.read_text(paths.MANIFEST)).get("format_version", 1)
         except (OSError, ValueError):
             version = "unknown"
         if version != paths.FORMAT_VERSION:
-            raise OutputError(f"{out} was written by attnpipe 0.1 (storage format {version}, schema v1); this "
+            raise OutputError(f"{loc} was written by attnpipe 0.1 (storage format {version}, schema v1); this "
                               f"attnpipe reads and writes format {paths.FORMAT_VERSION} (schema v2): rerun the job "
                               "into another --output, or with --new-run to write beside the old data")
 
 
-def versions(root: Path) -> list[int]:
+def versions(root: Location | Path | str) -> list[int]:
     """Versions present under an output folder: 1 is the folder itself, then v2, v3, ..."""
-    root = Path(root)
-    found = [1] if any((root / n).exists() for n in (paths.DATASET, paths.COMMITS, paths.MANIFEST)) else []
-    if root.is_dir():
-        found += sorted(int(m.group(1)) for p in root.iterdir()
-                        if p.is_dir() and (m := paths.VERSION_DIR.match(p.name)) and int(m.group(1)) > 1)
+    loc = as_location(root)
+    found = [1] if any(loc.exists(n) for n in (paths.DATASET, paths.COMMITS, paths.MANIFEST)) else []
+    found += sorted(int(m.group(1)) for name in loc.listdir()
+                    if (m := paths.VERSION_DIR.match(name)) and int(m.group(1)) > 1 and loc.isdir(name))
     return found
 
 
-def choose_output(root: Path, fingerprint: str, parts: dict, new_run: bool) -> Path:
+def version_location(root: Location, version: int) -> Location:
+    return root if version == 1 else root.child(f"v{version}")
+
+
+def choose_output(root: Location | Path | str, fingerprint: str, parts: dict, new_run: bool) -> Location:
     """The folder this job writes to: a new version where asked (`new_run`); else the latest
     version with the same fingerprint, or the latest one where nothing was committed yet;
     otherwise refuse, naming what changed."""
     from ..job import fingerprint_diff
 
-    root = Path(root)
-    if root.exists() and not root.is_dir():
+    root = as_location(root)
+    if root.exists() and not root.isdir():
         raise OutputError(f"output path {root} is a file; choose a folder for --output / run.output")
     present = versions(root)
     if not present:
         # A run killed before its first commit leaves only its lock, staging or a temp file of
         # _dataset.json: the folder is still ours.
         ours = (paths.LOCK, paths.STAGING, f".{paths.DATASET}.", f".{paths.MANIFEST}.")
-        if root.is_dir() and any(p for p in root.iterdir() if not paths.VERSION_DIR.match(p.name)
-                                 and not p.name.startswith(ours)):
+        if any(n for n in root.listdir() if not paths.VERSION_DIR.match(n) and not n.startswith(ours)):
             raise OutputError(f"{root} exists, is not empty and is not an attnpipe output; choose another --output")
         return root
     if new_run:
         # Always a new version, also for an unchanged job whose corpus was edited or whose
         # weights were replaced in place (the refusals of those say to use --new-run); a rerun
         # without --new-run resumes the latest version with this fingerprint.
-        latest = paths.version_dir(root, max(present))
-        if (latest / paths.DATASET).is_file() and not read_records(latest):
+        latest = version_location(root, max(present))
+        if latest.isfile(paths.DATASET) and not read_records(latest):
             return latest  # nothing committed there yet: take it over
-        return paths.version_dir(root, max(present) + 1)
+        return version_location(root, max(present) + 1)
     for v in sorted(present, reverse=True):
-        folder = paths.version_dir(root, v)
+        folder = version_location(root, v)
         check_format(folder)
         info = read_info(folder)
         if info and info.get("job_fingerprint") == fingerprint:
             return folder
-    latest = paths.version_dir(root, max(present))
+    latest = version_location(root, max(present))
     check_format(latest)
     if not read_records(latest):
         return latest  # nothing committed: a corrected job may take the folder over
@@ -97,17 +100,17 @@ def choose_output(root: Path, fingerprint: str, parts: dict, new_run: bool) -> P
     changes = fingerprint_diff(info.get("fingerprint_parts", {}), parts) or ["(fingerprint only)"]
     shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
     raise OutputError(f"{latest} holds data of a different job ({shown}); rerun with --new-run to write "
-                      f"{paths.version_dir(root, max(present) + 1)} beside it (the old data stays readable), "
+                      f"{version_location(root, max(present) + 1)} beside it (the old data stays readable), "
                       "or choose another --output")
 
 
-def write_info(out: Path, job_dict: dict, fingerprint: str, parts: dict, plan: dict) -> None:
+def write_info(out: Location | Path | str, job_dict: dict, fingerprint: str, parts: dict, plan: dict) -> None:
     """Write `_dataset.json` (under the lock) when it is new, of another job, or the plan grew."""
     current = read_info(out)
     if current and current.get("job_fingerprint") == fingerprint and current.get("plan") == plan:
         return
     created = current.get("created") if current and current.get("job_fingerprint") == fingerprint else None
-    write_json_atomic(Path(out) / paths.DATASET, {
+    write_json(out, paths.DATASET, {
         "format_version": paths.FORMAT_VERSION, "attnpipe_version": __version__,
         "job_fingerprint": fingerprint, "fingerprint_parts": parts, "job": job_dict, "plan": plan,
         "created": created or time.strftime("%Y-%m-%dT%H:%M:%S%z")})
@@ -122,58 +125,58 @@ def _committed_names(records: dict[int, dict]) -> set[str]:
     return {f["path"] for r in records.values() for f in r["files"]}
 
 
-def data_files(out: Path) -> list[Path]:
-    """Every file under the table folders (committed or not), for clean-up and verify."""
+def data_files(out: Location | Path | str) -> list[str]:
+    """Every file under the table folders (committed or not), relative to `out`, for clean-up
+    and verify."""
     from .schema import load_schemas
 
-    found = []
-    for table in load_schemas():
-        folder = Path(out) / table
-        if folder.is_dir():
-            found += sorted(p for p in folder.rglob("*") if p.is_file())
-    return found
+    loc = as_location(out)
+    return [rel for table in load_schemas() for rel in loc.find(table)]
 
 
-def recover(out: Path) -> dict[int, dict]:
+def damaged_files(loc: Location, record: dict) -> list[str]:
+    return [f["path"] for f in record["files"] if not loc.isfile(f["path"]) or loc.size(f["path"]) != f["bytes"]]
+
+
+def recover(out: Location | Path | str) -> dict[int, dict]:
     """Under the lock: delete what killed attempts left, un-commit shards whose files are gone
     or damaged (they will be redone), and warn about files attnpipe did not write."""
-    out = Path(out)
-    shutil.rmtree(out / paths.STAGING, ignore_errors=True)
-    for tmp in (out / paths.COMMITS).glob(".*.tmp") if (out / paths.COMMITS).is_dir() else []:
-        tmp.unlink(missing_ok=True)
-    for name in (paths.DATASET, paths.MANIFEST):  # temp files of a run killed while writing them
-        for tmp in out.glob(f".{name}.*.tmp"):
-            tmp.unlink(missing_ok=True)
-    records = read_records(out)
+    loc = as_location(out)
+    loc.rmtree(paths.STAGING)
+    for name in loc.listdir(paths.COMMITS):
+        if name.startswith(".") and name.endswith(".tmp"):
+            loc.rm(f"{paths.COMMITS}/{name}")
+    for name in loc.listdir():  # temp files of a run killed while writing _dataset.json or _manifest.json
+        if name.startswith((f".{paths.DATASET}.", f".{paths.MANIFEST}.")) and name.endswith(".tmp"):
+            loc.rm(name)
+    records = read_records(loc)
     for shard, record in sorted(records.items()):
-        damaged = [f["path"] for f in record["files"]
-                   if not (out / f["path"]).is_file() or (out / f["path"]).stat().st_size != f["bytes"]]
+        damaged = damaged_files(loc, record)
         if damaged:
-            log.warning("shard %d of %s is damaged (%s %s); it will be written again", shard, out,
+            log.warning("shard %d of %s is damaged (%s %s); it will be written again", shard, loc,
                         damaged[0], "is missing or has the wrong size" if len(damaged) == 1
                         else f"and {len(damaged) - 1} more files are missing or have the wrong size")
-            remove_record(out, shard)
+            remove_record(loc, shard)
             del records[shard]
     committed = _committed_names(records)
     removed, strays = 0, []
-    for f in data_files(out):
-        rel = str(f.relative_to(out))
+    for rel in data_files(loc):
         if rel in committed:
             continue
-        if paths.DATA_FILE.match(f.name):
-            f.unlink()
+        if paths.DATA_FILE.match(PurePosixPath(rel).name):
+            loc.rm(rel)
             removed += 1
         else:
             strays.append(rel)
     if removed:
-        log.info("removed %d files of uncommitted attempts from %s", removed, out)
+        log.info("removed %d files of uncommitted attempts from %s", removed, loc)
     for rel in strays:
         log.warning("stray file %s in %s was not written by attnpipe; attnpipe ignores it, but readers "
-                    "that glob the folder will read it", rel, out)
+                    "that glob the folder will read it", rel, loc)
     return records
 
 
-def manifest(out: Path, info: dict | None, records: dict[int, dict], num_shards: int) -> dict:
+def manifest(out: Location | Path | str, info: dict | None, records: dict[int, dict], num_shards: int) -> dict:
     """The summary `_manifest.json`, derived from the records (a cache for people; never truth)."""
     shards = {str(s): {k: r.get(k) for k in ("attempt", "committed_at", "documents", "empty_documents",
                                              "repeated_texts", "windows", "tokens", "rows", "seconds")}
@@ -193,9 +196,9 @@ def manifest(out: Path, info: dict | None, records: dict[int, dict], num_shards:
             "provenance": latest.get("provenance", {})}
 
 
-def write_manifest(out: Path) -> dict:
+def write_manifest(out: Location | Path | str) -> dict:
     info = read_info(out)
     records = read_records(out)
     data = manifest(out, info, records, planned_shards(info) or len(records))
-    write_json_atomic(Path(out) / paths.MANIFEST, data)
+    write_json(out, paths.MANIFEST, data)
     return data

@@ -1,8 +1,8 @@
 """The output lock: one run writes to an output folder at a time.
 
-`_lock` is created with O_EXCL and records host, pid, run id and start time; its holder touches
+`_lock` is created exclusively and records host, pid, run id and start time; its holder renews
 it every `lease / 4` seconds. A second run is refused with a message naming the holder. A lock
-is stale when its pid is dead on this host, or when it has not been touched for `lease` seconds
+is stale when its pid is dead on this host, or when it has not been renewed for `lease` seconds
 (a holder on another host that died); a stale lock is taken over, and the takeover reported.
 """
 
@@ -18,11 +18,12 @@ from pathlib import Path
 
 from ..errors import OutputError
 from . import paths
+from .location import Location, as_location
 
 log = logging.getLogger("attnpipe")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -32,14 +33,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+_pid_alive = pid_alive  # the name status.py imports
+
+
+def stale_reason(holder: dict, age: float, lease: float) -> str | None:
+    """Why a lock held by `holder`, last renewed `age` seconds ago, is stale (None: it is not)."""
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
+            and not pid_alive(holder["pid"]):
+        return f"its process {holder['pid']} on this host is gone"
+    if age > lease:
+        return f"it was last renewed {age:.0f} s ago (lease {lease:.0f} s)"
+    return None
+
+
 class OutputLock:
-    def __init__(self, out: Path, lease: float = 900.0):
-        self.out, self.lease = Path(out), lease
-        self.path = self.out / paths.LOCK
+    def __init__(self, out: Location | Path | str, lease: float = 900.0):
+        self.loc, self.lease = as_location(out), lease
         self.info = {"host": socket.gethostname(), "pid": os.getpid(),
                      "run_id": os.urandom(6).hex(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def path(self) -> Path:
+        """The lock file of a local output."""
+        return Path(self.loc.path(paths.LOCK))
 
     def __enter__(self) -> "OutputLock":
         self.acquire()
@@ -48,39 +66,33 @@ class OutputLock:
     def __exit__(self, *exc) -> None:
         self.release()
 
+    def held(self) -> bool:
+        """Whether the lock file is there and ours."""
+        holder, _ = self._read_holder()
+        return bool(holder) and holder.get("run_id") == self.info["run_id"]
+
     def acquire(self) -> None:
         for _ in range(3):
-            if self._try_create():
+            if self.loc.create_exclusive(paths.LOCK, (json.dumps(self.info) + "\n").encode()):
                 self._thread = threading.Thread(target=self._heartbeat, daemon=True, name="attnpipe-lock")
                 self._thread.start()
                 return
             holder, age = self._read_holder()
             if holder is None:
                 continue  # released between our attempt and the read
-            stale = self._stale_reason(holder, age)
+            stale = stale_reason(holder, age, self.lease)
             if stale is None:
                 raise OutputError(
-                    f"{self.out} is being written by another run (host {holder.get('host')}, pid "
+                    f"{self.loc} is being written by another run (host {holder.get('host')}, pid "
                     f"{holder.get('pid')}, started {holder.get('started')}); wait for it to finish, or "
-                    f"if it is dead remove {self.path}")
+                    f"if it is dead remove {self.loc.url(paths.LOCK)}")
             self._take_over(holder, stale)
-        raise OutputError(f"could not take the lock {self.path}; another run keeps taking it")
-
-    def _try_create(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        except OSError as exc:
-            raise OutputError(f"cannot write to output folder {self.out}: {exc.strerror}") from None
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(self.info) + "\n")
-        return True
+        raise OutputError(f"could not take the lock {self.loc.url(paths.LOCK)}; another run keeps taking it")
 
     def _read_holder(self) -> tuple[dict | None, float]:
         try:
-            text = self.path.read_text()
-            age = time.time() - self.path.stat().st_mtime
+            text = self.loc.read_text(paths.LOCK)
+            age = self.loc.age(paths.LOCK)
         except FileNotFoundError:
             return None, 0.0
         try:
@@ -88,29 +100,22 @@ class OutputLock:
         except ValueError:
             return {"host": "?", "pid": "?", "started": "?"}, age  # torn write: judge by age
 
-    def _stale_reason(self, holder: dict, age: float) -> str | None:
-        if holder.get("host") == self.info["host"] and isinstance(holder.get("pid"), int) \
-                and not _pid_alive(holder["pid"]):
-            return f"its process {holder['pid']} on this host is gone"
-        if age > self.lease:
-            return f"it was last renewed {age:.0f} s ago (lease {self.lease:.0f} s)"
-        return None
-
     def _take_over(self, holder: dict, reason: str) -> None:
-        # Rename, not unlink: of several runs taking over at once only one rename succeeds.
-        grave = self.path.with_name(f"{paths.LOCK}.stale-{self.info['run_id']}")
+        # Rename, not delete: of several runs taking over at once only one rename succeeds.
+        grave = f"{paths.LOCK}.stale-{self.info['run_id']}"
         try:
-            os.rename(self.path, grave)
+            self.loc.rename(paths.LOCK, grave)
         except FileNotFoundError:
             return
-        grave.unlink(missing_ok=True)
+        self.loc.rm(grave)
         log.warning("took over the lock of %s from a dead run (host %s, pid %s, started %s): %s",
-                    self.out, holder.get("host"), holder.get("pid"), holder.get("started"), reason)
+                    self.loc, holder.get("host"), holder.get("pid"), holder.get("started"), reason)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(max(self.lease / 4, 0.05)):
             try:
-                os.utime(self.path)
+                if self.held():
+                    self.loc.touch(paths.LOCK)
             except OSError:
                 pass
 
@@ -119,17 +124,15 @@ class OutputLock:
         if self._thread:
             self._thread.join()
         try:
-            if json.loads(self.path.read_text()).get("run_id") == self.info["run_id"]:
-                self.path.unlink()
+            if self.held():
+                self.loc.rm(paths.LOCK)
         except (OSError, ValueError):
             pass
 
     def check(self) -> None:
         """Raise if the lock is no longer ours (taken over after a long stall)."""
-        try:
-            holder = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            holder = {}
-        if holder.get("run_id") != self.info["run_id"]:
-            raise OutputError(f"lost the lock of {self.out} to another run (host {holder.get('host')}, "
+        holder, _ = self._read_holder()
+        if not holder or holder.get("run_id") != self.info["run_id"]:
+            holder = holder or {}
+            raise OutputError(f"lost the lock of {self.loc} to another run (host {holder.get('host')}, "
                               f"pid {holder.get('pid')}); stopping without committing")

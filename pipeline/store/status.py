@@ -17,28 +17,30 @@ import json
 import socket
 import time
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ..errors import OutputError
 from . import paths
 from .commit import read_records
-from .dataset import check_format, read_info, versions
-from .lock import _pid_alive
+from .dataset import check_format, read_info, version_location, versions
+from .location import Location, as_location
+from .lock import stale_reason
 
 EXIT_COMPLETE, EXIT_INCOMPLETE = 0, 3
 DEFAULT_LEASE = 900.0
 APPENDED_NOTE = "rows appended to the corpus since the last run are not counted until the next run"
 
 
-def _failures(out: Path) -> dict[int, dict]:
+def _failures(out: Location | Path | str) -> dict[int, dict]:
     """shard -> its failure record; an unreadable one still says that the shard failed."""
-    folder = Path(out) / paths.FAILURES
+    loc = as_location(out)
     found: dict[int, dict] = {}
-    if not folder.is_dir():
-        return found
-    for path in sorted(folder.glob("shard-*.json")):
+    for name in loc.listdir(paths.FAILURES):
+        if not (name.startswith("shard-") and name.endswith(".json")):
+            continue
+        path = PurePosixPath(name)
         try:
-            record = json.loads(path.read_text())
+            record = json.loads(loc.read_text(f"{paths.FAILURES}/{name}"))
             shard = int(record["shard"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             try:
@@ -52,12 +54,12 @@ def _failures(out: Path) -> dict[int, dict]:
     return found
 
 
-def lock_state(out: Path, lease: float) -> dict | None:
+def lock_state(out: Location | Path | str, lease: float) -> dict | None:
     """The holder of `_lock` and whether it looks alive; None when no run holds it."""
-    path = Path(out) / paths.LOCK
+    loc = as_location(out)
     try:
-        text = path.read_text()
-        age = time.time() - path.stat().st_mtime
+        text = loc.read_text(paths.LOCK)
+        age = loc.age(paths.LOCK)
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -70,12 +72,7 @@ def lock_state(out: Path, lease: float) -> dict | None:
         holder = {}  # a torn write: judge by age alone
     state = {"host": holder.get("host"), "pid": holder.get("pid"), "started": holder.get("started"),
              "run_id": holder.get("run_id"), "age_s": round(age, 1), "lease_s": lease}
-    stale = None
-    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
-            and not _pid_alive(holder["pid"]):
-        stale = f"its process {holder['pid']} on this host is gone"
-    elif age > lease:
-        stale = f"it was last renewed {age:.0f} s ago (lease {lease:.0f} s)"
+    stale = stale_reason(holder, age, lease)
     state["stale"], state["running"] = stale, stale is None
     return state
 
@@ -88,7 +85,7 @@ def _seconds_between(a: str | None, b: str | None) -> float | None:
         return None
 
 
-def _one(out: Path) -> dict:
+def _one(out: Location) -> dict:
     """The status of one version folder (no later versions)."""
     info, records = read_info(out), read_records(out)
     failures = _failures(out)
@@ -141,21 +138,21 @@ def _one(out: Path) -> dict:
 def status(out: Path) -> dict:
     """The status of OUT (version 1, the folder itself) and a short one of each later version.
     Raises OutputError for a folder that is not an attnpipe output (format 2)."""
-    out = Path(out)
-    if not out.is_dir():
+    out = as_location(out)
+    if not out.isdir():
         raise OutputError(f"{out} is not a folder" if out.exists() else f"{out} does not exist")
     check_format(out)
     present = versions(out)
     later = [v for v in present if v > 1]
-    has_own = 1 in present or (out / paths.LOCK).exists()
+    has_own = 1 in present or out.exists(paths.LOCK)
     if not has_own:
-        hint = (f"; its later versions are {', '.join(str(paths.version_dir(out, v)) for v in later)}: "
+        hint = (f"; its later versions are {', '.join(str(version_location(out, v)) for v in later)}: "
                 "ask for one of those" if later else "")
         raise OutputError(f"{out} is not an attnpipe output (no {paths.DATASET}, commit records or lock){hint}")
     s = _one(out)
     s["versions"] = []
     for v in later:
-        folder = paths.version_dir(out, v)
+        folder = version_location(out, v)
         try:
             check_format(folder)
             sub = _one(folder)

@@ -4,14 +4,15 @@ schema), and every file that no record lists (leftovers of killed attempts, stra
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import paths
 from ..errors import OutputError
-from .commit import read_record
+from .commit import read_record, record_names
+from .location import Location, as_location
 from .dataset import check_format, data_files, read_info
 from .schema import table_schema
 from .writer import sha256_of
@@ -29,54 +30,56 @@ class Report:
         return not self.problems and not self.strays
 
 
-def _check_file(out: Path, f: dict, weight_dtype: str) -> str | None:
-    path = out / f["path"]
-    if not path.is_file():
-        return f"{f['path']}: missing"
-    if path.stat().st_size != f["bytes"]:
-        return f"{f['path']}: {path.stat().st_size} bytes, the record says {f['bytes']}"
-    if sha256_of(path) != f["sha256"]:
-        return f"{f['path']}: checksum differs from the record (the file was changed or damaged)"
+def _check_file(loc: Location, f: dict, weight_dtype: str) -> str | None:
+    rel = f["path"]
+    if not loc.isfile(rel):
+        return f"{rel}: missing"
+    if loc.size(rel) != f["bytes"]:
+        return f"{rel}: {loc.size(rel)} bytes, the record says {f['bytes']}"
+    with loc.open(rel) as fh:
+        if sha256_of(fh) != f["sha256"]:
+            return f"{rel}: checksum differs from the record (the file was changed or damaged)"
     try:
-        meta = pq.read_metadata(path)
-        schema = pq.read_schema(path)
+        with loc.open(rel) as fh:
+            meta = pq.ParquetFile(fh).metadata
+            schema = meta.schema.to_arrow_schema()
     except (OSError, pa.ArrowException) as exc:
-        return f"{f['path']}: not readable as Parquet ({exc})"
+        return f"{rel}: not readable as Parquet ({exc})"
     if meta.num_rows != f["rows"]:
-        return f"{f['path']}: {meta.num_rows} rows, the record says {f['rows']}"
+        return f"{rel}: {meta.num_rows} rows, the record says {f['rows']}"
     declared = table_schema(f["table"]).arrow(weight_dtype)
     got = schema.remove_metadata()
     if not all(got.field(i).equals(declared.field(i)) for i in range(len(declared))) or len(got) < len(declared):
-        return f"{f['path']}: columns differ from the declared {f['table']} schema"
+        return f"{rel}: columns differ from the declared {f['table']} schema"
     return None
 
 
-def verify(out: Path) -> Report:
-    out = Path(out)
-    check_format(out)
-    info = read_info(out)
+def verify(out: Location | Path | str) -> Report:
+    loc = as_location(out)
+    check_format(loc)
+    info = read_info(loc)
     weight_dtype = (info or {}).get("job", {}).get("run", {}).get("weight_dtype", "bfloat16")
-    report = Report(out)
+    report = Report(Path(loc.root) if loc.local else loc.url())
     records = {}
-    for path in sorted((out / paths.COMMITS).glob("shard-*.json")) if (out / paths.COMMITS).is_dir() else []:
+    for rel in record_names(loc):
         try:
-            record = read_record(path)
+            record = read_record(rel, loc)
             records[int(record["shard"])] = record
         except OutputError as exc:
-            report.problems.append(f"{path.name}: {exc}")
+            report.problems.append(f"{PurePosixPath(rel).name}: {exc}")
     listed = set()
     for shard, record in sorted(records.items()):
         for f in record["files"]:
             listed.add(f["path"])
             report.checked += 1
-            problem = _check_file(out, f, weight_dtype)
+            problem = _check_file(loc, f, weight_dtype)
             if problem:
                 report.problems.append(f"shard {shard}: {problem}")
-    for f in data_files(out):
-        rel = str(f.relative_to(out))
+    for rel in data_files(loc):
         if rel not in listed:
-            kind = "left by an uncommitted attempt" if paths.DATA_FILE.match(f.name) else "not written by attnpipe"
+            kind = ("left by an uncommitted attempt" if paths.DATA_FILE.match(PurePosixPath(rel).name)
+                    else "not written by attnpipe")
             report.strays.append(f"{rel}: {kind}")
-    if (out / paths.STAGING).exists():
+    if loc.exists(paths.STAGING):
         report.strays.append(f"{paths.STAGING}/: staging of an attempt in progress or killed")
     return report

@@ -59,11 +59,14 @@ class FileInfo:
         return asdict(self)
 
 
-def sha256_of(path: Path) -> str:
+def sha256_of(source) -> str:
+    """sha256 of a file, given its path or an open binary file."""
+    if isinstance(source, (str, Path)):
+        with open(source, "rb") as fh:
+            return sha256_of(fh)
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
+    for chunk in iter(lambda: source.read(1 << 22), b""):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
