@@ -41,6 +41,9 @@ class AttnDataset:
     """
 
     def __init__(self, path: str | Path):
+        if "://" in str(path) and not str(path).startswith("file://"):
+            raise ReadError(f"{path}: the read side opens local folders; copy the dataset down first "
+                            "(e.g. `aws s3 sync`), or use `attnpipe files` and your own reader")
         self.path = Path(path)
         if not self.path.is_dir():
             raise ReadError(f"{self.path} is not a folder; give the output folder of an attnpipe run")
