@@ -62,6 +62,9 @@ class RunSpec(_Section):
     # float32 model under ~1 GiB of attention maps per layer on CPU or GPU.
     batch_tokens: int = Field(default=8192, ge=1)
     device: str = "auto"
+    # How each layer's output is computed (see pipeline/capture): auto = sdpa on CUDA, eager
+    # elsewhere. The stored numbers are the same either way (tested to 1e-5).
+    attention: Literal["auto", "eager", "sdpa"] = "auto"
     progress: bool = True
     # Storage precision of attention values (weights, maps, head statistics). bfloat16: float32
     # columns holding values rounded to 8 significant bits (relative error <= 0.2%), which

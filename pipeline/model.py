@@ -108,15 +108,22 @@ class LoadedModel:
     device: torch.device
     dtype: str = "float32"
     provenance: dict = field(default_factory=dict)
+    # How each layer's output is computed: "eager" (the model's eager attention; its
+    # probabilities are reused by the recipes, the cheapest way on a CPU) or "sdpa" (torch's
+    # fused attention, probabilities recomputed from q and k only when a recipe needs them).
+    # "auto": sdpa on CUDA, eager elsewhere.
+    backend: str = "auto"
 
     def __post_init__(self):
+        if self.backend == "auto":
+            self.backend = "sdpa" if self.device.type == "cuda" else "eager"
         self.model.set_attn_implementation(capture.BACKEND)
         self.model.eval().to(self.device)
         if getattr(self.model.config, "use_cache", None):
             self.model.config.use_cache = False
         self.encoder = self.model.get_encoder() if self.model.config.is_encoder_decoder else self.model
         self.causal, self.num_layers, self.num_heads = self._probe()
-        self.provenance.update(model=self.name, dtype=self.dtype, attention_backend=f"{capture.BACKEND}(eager)",
+        self.provenance.update(model=self.name, dtype=self.dtype, attention_backend=f"{capture.BACKEND}({self.backend})",
                                causal=self.causal, num_layers=self.num_layers, num_heads=self.num_heads,
                                tokenizer=type(self.tokenizer).__name__, versions=_versions())
 
@@ -130,7 +137,7 @@ class LoadedModel:
         exactly zero weight above the diagonal, a bidirectional one never does."""
         seen = []
         ids = torch.tensor([[self.pad_id or 0] * 3], device=self.device)
-        with capture.capturing(lambda layer, probs: seen.append(probs)):
+        with capture.capturing(lambda layer, probs: seen.append(probs), backend=self.backend, model=self.model):
             self.forward(ids, torch.ones_like(ids))
         if not seen:
             raise ModelError(f"{self.name}: no attention layer called the attnpipe capture "
@@ -186,7 +193,7 @@ def _is_punct(token: str | None) -> bool:
 
 def load_model(name: str, *, base_dir: Path = Path("."), revision: str | None = None,
                dtype: str = "float32", device: str = "auto", trust_remote_code: bool = False,
-               allow_pickle: bool = False) -> LoadedModel:
+               allow_pickle: bool = False, backend: str = "auto") -> LoadedModel:
     """Load from the embedded default, a local directory or the hub. Raises ModelError."""
     target = pick_device(device)  # fail on a bad device before spending time on loading
     source, local = resolve_source(name, base_dir)
@@ -217,4 +224,4 @@ def load_model(name: str, *, base_dir: Path = Path("."), revision: str | None = 
     provenance = {"source": source, "revision": revision or getattr(model.config, "_commit_hash", None)}
     if local:
         provenance["weights_sha256"] = weights_sha256(Path(source))
-    return LoadedModel(model, tokenizer, name, target, dtype, provenance)
+    return LoadedModel(model, tokenizer, name, target, dtype, provenance, backend)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .capture import capturing
+from .capture import LayerInputs, capture_layers
 from .model import LoadedModel
 from .recipes import RECIPES, BatchMasks, LayerAttention
 from .windows import Window, collate
@@ -55,11 +55,14 @@ def reduce_batch(lm: LoadedModel, windows: list[Window], recipes: list[dict]) ->
     pending: list[tuple[int, int, dict[str, torch.Tensor]]] = []
     carry: dict[int, torch.Tensor] = {}
 
-    def sink(layer: int, probs: torch.Tensor) -> None:
-        for i, cols in apply_recipes(LayerAttention(probs, layer, masks), recipes, carry):
+    def sink(inputs: LayerInputs) -> None:
+        if inputs.site.kind != "self":
+            return
+        layer = inputs.site.layer
+        for i, cols in apply_recipes(LayerAttention(None, layer, masks, inputs), recipes, carry):
             pending.append((i, layer, cols))
 
-    with capturing(sink):
+    with capture_layers(sink, backend=lm.backend, model=lm.model, causal=lm.causal):
         lm.forward(ids, attention_mask)
     return [Output(i, layer, {k: v.cpu().numpy() for k, v in cols.items()})
             for i, layer, cols in pending]

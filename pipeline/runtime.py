@@ -29,7 +29,7 @@ def load_job_model(job: JobSpec) -> "LoadedModel":
     m = job.model
     return load_model(m.name, base_dir=Path(job.base_dir), revision=m.revision, dtype=m.dtype,
                       device=job.run.device, trust_remote_code=m.trust_remote_code,
-                      allow_pickle=m.allow_pickle)
+                      allow_pickle=m.allow_pickle, backend=job.run.attention)
 
 
 @dataclass

@@ -46,13 +46,19 @@ class BatchMasks:
         return valid
 
 
-@dataclass
 class LayerAttention:
-    """One layer's attention for a batch, handed to every recipe, then dropped."""
+    """One layer's attention for a batch, handed to every recipe, then dropped.
 
-    probs: torch.Tensor  # (batch, head, query_pos, key_pos), as the model computed it
-    layer: int
-    masks: BatchMasks
+    Built from the probabilities, or from the layer's inputs (`pipeline.capture.LayerInputs`:
+    q, k, mask, scaling), in which case the probabilities are computed on first use only.
+    """
+
+    def __init__(self, probs: torch.Tensor | None, layer: int, masks: BatchMasks, inputs=None):
+        self._probs, self.layer, self.masks, self.inputs = probs, layer, masks, inputs
+
+    @cached_property
+    def probs(self) -> torch.Tensor:  # (batch, head, query_pos, key_pos), as the model computed it
+        return self._probs if self._probs is not None else self.inputs.probs
 
     @cached_property
     def clean(self) -> torch.Tensor:

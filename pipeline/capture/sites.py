@@ -1,0 +1,49 @@
+"""Site keys: which attention call a layer's data comes from, built in one function.
+
+A site is (stack, layer, kind): the encoder or decoder stack, the layer index inside it, and
+self- or cross-attention (a generation step joins it when generation is captured). It is read
+off the module and its qualified name, never from the order of calls, so cross-attention and
+decoder layers interleaved with encoder ones cannot shift the numbering.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
+_CROSS_NAMES = ("crossattention", "cross_attn", "encoder_attn", "encdecattention", "layer.1.encdecattention")
+
+
+@dataclass(frozen=True)
+class SiteKey:
+    stack: str  # "encoder" (also encoder-only models) or "decoder" (also decoder-only models)
+    layer: int  # 0-based, within the stack
+    kind: str = "self"  # "self" or "cross"
+    step: int | None = None  # generation step, when generation is captured (not yet)
+
+
+def module_names(model: torch.nn.Module) -> dict[int, str]:
+    """id(module) -> qualified name, once per model, for `site_key`."""
+    return {id(m): name for name, m in model.named_modules()}
+
+
+def site_key(module: torch.nn.Module, names: dict[int, str], causal_model: bool | None = None) -> SiteKey:
+    """The one place a site is named."""
+    name = names.get(id(module), "")
+    lowered = name.lower()
+    kind = "cross" if getattr(module, "is_cross_attention", False) or any(c in lowered for c in _CROSS_NAMES) \
+        else "self"
+    if "decoder" in lowered or getattr(module, "is_decoder", False):
+        stack = "decoder"
+    elif "encoder" in lowered:
+        stack = "encoder"
+    else:  # a plain stack (GPT-2's h.N, Llama's layers.N): decoder when causal
+        stack = "decoder" if causal_model else "encoder"
+    layer = getattr(module, "layer_idx", None)
+    if not isinstance(layer, int):
+        found = _INDEX.findall(name)
+        layer = int(found[0]) if found else 0
+    return SiteKey(stack, layer, kind)
