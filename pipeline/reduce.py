@@ -49,7 +49,29 @@ def apply_recipes(att: LayerAttention, recipes: list[dict], carry: dict[int, tor
     return out
 
 
-def reduce_batch(lm: LoadedModel, windows: list[Window], recipes: list[dict]) -> list[Output]:
+@dataclass
+class PendingBatch:
+    """A batch's recipe outputs on their way to the host. On CUDA the copies into pinned host
+    memory are issued without blocking, so the next batch can start; `outputs()` waits for them."""
+
+    parts: list[tuple[int, int, dict[str, torch.Tensor]]]  # (recipe, layer, host columns)
+    event: "torch.cuda.Event | None" = None
+
+    def outputs(self) -> list[Output]:
+        if self.event is not None:
+            self.event.synchronize()
+        return [Output(i, layer, {k: v.numpy() for k, v in cols.items()}) for i, layer, cols in self.parts]
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
+def reduce_batch_async(lm: LoadedModel, windows: list[Window], recipes: list[dict]) -> PendingBatch:
+    """One batch through the model; every self-attention layer through every recipe."""
     ids, attention_mask = (t.to(lm.device) for t in collate(windows, lm.pad_id))
     masks = batch_masks(lm, windows, ids)
     pending: list[tuple[int, int, dict[str, torch.Tensor]]] = []
@@ -60,9 +82,16 @@ def reduce_batch(lm: LoadedModel, windows: list[Window], recipes: list[dict]) ->
             return
         layer = inputs.site.layer
         for i, cols in apply_recipes(LayerAttention(None, layer, masks, inputs), recipes, carry):
-            pending.append((i, layer, cols))
+            pending.append((i, layer, {k: _to_host(v) for k, v in cols.items()}))
 
     with capture_layers(sink, backend=lm.backend, model=lm.model, causal=lm.causal):
         lm.forward(ids, attention_mask)
-    return [Output(i, layer, {k: v.cpu().numpy() for k, v in cols.items()})
-            for i, layer, cols in pending]
+    event = None
+    if lm.device.type == "cuda":
+        event = torch.cuda.Event()
+        event.record()
+    return PendingBatch(pending, event)
+
+
+def reduce_batch(lm: LoadedModel, windows: list[Window], recipes: list[dict]) -> list[Output]:
+    return reduce_batch_async(lm, windows, recipes).outputs()

@@ -12,7 +12,10 @@ to the writer as each batch comes back from the model.
 
 from __future__ import annotations
 
+import logging
+import queue
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +23,14 @@ from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from . import faults
 from .corpus import ShardDocs
 from .job import JobSpec
 from .recipes import RECIPES, recipe_params
-from .reduce import Output, reduce_batch
+from .errors import ModelError
+from .reduce import Output, PendingBatch, reduce_batch_async
 from .runtime import Runtime
 from .store import commit as store_commit
 from .store import paths
@@ -33,6 +38,8 @@ from .store.location import Location, as_location
 from .store.plan import ShardSpec
 from .store.writer import FileInfo, ShardWriter
 from .windows import Window, make_batches, tokenize
+
+log = logging.getLogger("attnpipe")
 
 # progress(documents_finished, tokens_processed, characters_processed)
 Progress = Callable[[int, int, int], None]
@@ -130,16 +137,70 @@ def _repeat(value: str, rows: int) -> pa.Array:
     return pa.DictionaryArray.from_arrays(np.zeros(rows, dtype=np.int32), pa.array([value])).cast(pa.string())
 
 
-def _write_unit(writer: ShardWriter, rt: Runtime, unit: list[Window], doc_ids: list[str]) -> None:
+class BackgroundWriter:
+    """Runs the writes on a thread, so the model never waits on Arrow conversion, Parquet
+    encoding or the disk (pyarrow and the CUDA event wait release the GIL). At most `depth`
+    batches wait, which bounds the memory; an error on the thread is raised in the caller at its
+    next `put` or at `close`."""
+
+    def __init__(self, depth: int = 2):
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True, name="attnpipe-writer")
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (task := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    task()
+                except BaseException as exc:  # re-raised in the caller
+                    self.error = exc
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def put(self, task) -> None:
+        self._check()
+        self.queue.put(task)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self._check()
+
+
+def _reduce(rt: Runtime, chosen: list[Window], stats: dict) -> list[tuple[list[Window], PendingBatch]]:
+    """The batch through the model; when CUDA runs out of memory, halves of it, recursively."""
+    try:
+        return [(chosen, reduce_batch_async(rt.model, chosen, rt.job.recipes))]
+    except torch.OutOfMemoryError:
+        if len(chosen) == 1:
+            raise ModelError(f"one window of {len(chosen[0])} tokens does not fit in GPU memory with these recipes; "
+                             "lower model.max_length, or drop per-head dense or threshold recipes") from None
+        stats["oom_halvings"] += 1
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(chosen) // 2
+        return _reduce(rt, chosen[:half], stats) + _reduce(rt, chosen[half:], stats)
+
+
+def _write_unit(writer: ShardWriter, background: BackgroundWriter, rt: Runtime, unit: list[Window],
+                doc_ids: list[str], stats: dict) -> None:
     job = rt.job
     for batch in make_batches(unit, job.run.batch_tokens):
-        chosen = [unit[i] for i in batch]
-        ids = pa.array([doc_ids[w.doc_index] for w in chosen], pa.string())
-        window_ids = np.array([w.window for w in chosen], dtype=np.int32)
-        for output in reduce_batch(rt.model, chosen, job.recipes):
-            spec = job.recipes[output.recipe]
-            writer.write_batch(RECIPES[spec["name"]].table, output_columns(output, spec, ids, window_ids),
-                               layer=output.layer, recipe=output.recipe)
+        for chosen, pending in _reduce(rt, [unit[i] for i in batch], stats):
+            ids = pa.array([doc_ids[w.doc_index] for w in chosen], pa.string())
+            window_ids = np.array([w.window for w in chosen], dtype=np.int32)
+
+            def write(pending=pending, ids=ids, window_ids=window_ids) -> None:
+                for output in pending.outputs():
+                    spec = job.recipes[output.recipe]
+                    writer.write_batch(RECIPES[spec["name"]].table, output_columns(output, spec, ids, window_ids),
+                                       layer=output.layer, recipe=output.recipe)
+
+            background.put(write)
         faults.point("batch")
 
 
@@ -157,6 +218,9 @@ def run_shard(job: JobSpec, spec: ShardSpec, rt: Runtime, out: Location | Path |
                          buffer_bytes=job.run.buffer_mb << 20) as writer:
             writer.recipes = {i: (r["name"], recipe_params(r)) for i, r in enumerate(job.recipes)}
             counts = _write_documents(writer, rt, docs, progress)
+            if counts["oom_halvings"]:
+                log.warning("shard %d: CUDA ran out of memory %d times; those batches were halved and retried "
+                            "(a smaller run.batch_tokens avoids it)", spec.index, counts["oom_halvings"])
             files = writer.finalize()
             rows = {}
             for f in files:
@@ -181,30 +245,41 @@ def run_shard(job: JobSpec, spec: ShardSpec, rt: Runtime, out: Location | Path |
 def _write_documents(writer: ShardWriter, rt: Runtime, docs: ShardDocs, progress: Progress | None) -> dict:
     """Every document of the shard, chunk by chunk, through the model and into the writer."""
     job, tok = rt.job, rt.model.tokenizer
-    counts = {"tokens": 0, "windows": 0, "empty": 0}
-    for part in doc_chunks(docs):
-        rows = docs.rows[part]
-        texts = rt.corpus.texts(rows)
-        windows = tokenize(tok, texts, rt.window_length, job.model.stride)
-        writer.write_batch("documents", {**document_columns(docs, part, windows, texts, job.model.stride),
-                                         **rt.corpus.metadata(rows)}, extra=rt.corpus.metadata_schema())
-        doc_ids = docs.doc_ids[part]
-        writer.write_batch("tokens", token_columns(doc_ids, windows, tok))
-        remaining = np.bincount([w.doc_index for w in windows], minlength=len(texts))
-        share = docs.chars[part] / np.maximum(remaining, 1)  # characters per window, for the ETA
-        counts["empty"] += int((remaining == 0).sum())
-        if progress:
-            progress(int((remaining == 0).sum()), 0, int(docs.chars[part][remaining == 0].sum()))
-        for unit in work_units(windows, UNIT_BATCHES * job.run.batch_tokens):
-            _write_unit(writer, rt, unit, doc_ids)
-            done = np.bincount([w.doc_index for w in unit], minlength=len(texts))
-            remaining -= done
-            if progress:
-                progress(int(((done > 0) & (remaining == 0)).sum()), sum(len(w) for w in unit),
-                         int((share * done).sum()))
-        counts["tokens"] += sum(len(w) for w in windows)
-        counts["windows"] += len(windows)
+    counts = {"tokens": 0, "windows": 0, "empty": 0, "oom_halvings": 0}
+    background = BackgroundWriter()
+    try:
+        for part in doc_chunks(docs):
+            _write_chunk(writer, background, rt, docs, part, progress, counts)
+    finally:
+        background.close()
     return counts
+
+
+def _write_chunk(writer: ShardWriter, background: BackgroundWriter, rt: Runtime, docs: ShardDocs, part: slice,
+                 progress: Progress | None, counts: dict) -> None:
+    job, tok = rt.job, rt.model.tokenizer
+    rows = docs.rows[part]
+    texts = rt.corpus.texts(rows)
+    windows = tokenize(tok, texts, rt.window_length, job.model.stride)
+    doc_cols = {**document_columns(docs, part, windows, texts, job.model.stride), **rt.corpus.metadata(rows)}
+    background.put(lambda: writer.write_batch("documents", doc_cols, extra=rt.corpus.metadata_schema()))
+    doc_ids = docs.doc_ids[part]
+    token_cols = token_columns(doc_ids, windows, tok)
+    background.put(lambda: writer.write_batch("tokens", token_cols))
+    remaining = np.bincount([w.doc_index for w in windows], minlength=len(texts))
+    share = docs.chars[part] / np.maximum(remaining, 1)  # characters per window, for the ETA
+    counts["empty"] += int((remaining == 0).sum())
+    if progress:
+        progress(int((remaining == 0).sum()), 0, int(docs.chars[part][remaining == 0].sum()))
+    for unit in work_units(windows, UNIT_BATCHES * job.run.batch_tokens):
+        _write_unit(writer, background, rt, unit, doc_ids, counts)
+        done = np.bincount([w.doc_index for w in unit], minlength=len(texts))
+        remaining -= done
+        if progress:
+            progress(int(((done > 0) & (remaining == 0)).sum()), sum(len(w) for w in unit),
+                     int((share * done).sum()))
+    counts["tokens"] += sum(len(w) for w in windows)
+    counts["windows"] += len(windows)
 
 
 def record_info(rt: Runtime, r: ShardResult) -> dict:

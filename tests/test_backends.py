@@ -45,8 +45,13 @@ def test_sdpa_and_eager_runs_store_the_same_data(tmp_path, tiny_model_dir, arch)
         outs[backend] = run_job(load_job(job), quiet=True).output
     prov = {b: read_records(o)[0]["provenance"]["attention_backend"] for b, o in outs.items()}
     assert prov == {"eager": "attnpipe(eager)", "sdpa": "attnpipe(sdpa)"}
+    assert_same_tables(outs["eager"], outs["sdpa"])
+
+
+def assert_same_tables(one, other) -> None:
+    """Integer and string columns equal, attention values within 1e-5 (float32 storage)."""
     for table in ("head_stats", "edges", "rollout", "maps"):
-        a, b = rows(outs["eager"], table), rows(outs["sdpa"], table)
+        a, b = rows(one, table), rows(other, table)
         assert len(a) == len(b), table
         for col in a.columns:
             if col == "weights":
@@ -56,3 +61,44 @@ def test_sdpa_and_eager_runs_store_the_same_data(tmp_path, tiny_model_dir, arch)
                 np.testing.assert_allclose(a[col], b[col], atol=1e-5, err_msg=f"{table}.{col}")
             else:
                 assert (a[col].to_numpy() == b[col].to_numpy()).all(), f"{table}.{col}"
+
+
+def test_out_of_memory_halves_the_batch_and_reports_it(tmp_path, tiny_model_dir, monkeypatch, caplog):
+    """CUDA running out of memory on a batch of more than one window: the batch is halved and
+    retried (recursively), the rows are those of a run without the error, and the run says so.
+    Simulated on the CPU: the step only sees torch.OutOfMemoryError."""
+    import logging
+
+    import torch
+
+    from pipeline import shard as shard_module
+    from pipeline.errors import ModelError
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS * 2))
+    model = tiny_model_dir("bert")
+
+    def run(folder):
+        folder.mkdir()
+        job = write_job(folder, corpus, model, recipes=RECIPES, device="cpu", weight_dtype="float32")
+        return run_job(load_job(job), quiet=True).output
+
+    clean = run(tmp_path / "clean")
+    real = shard_module.reduce_batch_async
+
+    def tight(lm, windows, recipes):
+        if len(windows) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(lm, windows, recipes)
+
+    monkeypatch.setattr(shard_module, "reduce_batch_async", tight)
+    with caplog.at_level(logging.WARNING, logger="attnpipe"):
+        halved = run(tmp_path / "halved")
+    assert any("ran out of memory" in r.getMessage() and "halved" in r.getMessage() for r in caplog.records)
+    assert_same_tables(clean, halved)
+
+    monkeypatch.setattr(shard_module, "reduce_batch_async",
+                        lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")))
+    with pytest.raises(ModelError) as info:
+        run(tmp_path / "never")
+    assert "does not fit in GPU memory" in str(info.value) and "\n" not in str(info.value)

@@ -190,7 +190,7 @@ def test_crash_mid_shard_leaves_nothing_that_looks_complete(tmp_path, corpus, ti
     """Shard 0 commits, shard 1 fails after some of its rows were written: only shard 0 is
     visible, nothing is left in staging, and the rerun does shard 1 only."""
     current = {"shard": None, "calls": 0}
-    real_reduce, real_run_shard = reduce_module.reduce_batch, shard_module.run_shard
+    real_reduce, real_run_shard = reduce_module.reduce_batch_async, shard_module.run_shard
 
     def tracking(job, shard, *args, **kwargs):
         current["shard"] = getattr(shard, "index", shard)
@@ -205,7 +205,7 @@ def test_crash_mid_shard_leaves_nothing_that_looks_complete(tmp_path, corpus, ti
 
     monkeypatch.setattr(shard_module, "run_shard", tracking)
     monkeypatch.setattr(local_executor, "run_shard", tracking, raising=False)  # if imported eagerly
-    monkeypatch.setattr("pipeline.shard.reduce_batch", flaky)
+    monkeypatch.setattr("pipeline.shard.reduce_batch_async", flaky)
     job = write_job(tmp_path, corpus, tiny_model_dir("bert"), recipes=ALL_RECIPES, num_shards=2, batch_tokens=64)
     with pytest.raises(RuntimeError):
         run_job(load_job(job), quiet=True)
@@ -221,7 +221,7 @@ def test_crash_mid_shard_leaves_nothing_that_looks_complete(tmp_path, corpus, ti
     # A leftover file of an uncommitted shard (killed between renames) is removed on the next run.
     stray = out / "edges" / "layer-000" / "shard-00001-deadbeef-r1-0.parquet"
     stray.write_bytes(b"partial")
-    monkeypatch.setattr("pipeline.shard.reduce_batch", real_reduce)
+    monkeypatch.setattr("pipeline.shard.reduce_batch_async", real_reduce)
     summary = run_job(load_job(job), quiet=True)
     assert summary.shards_run == [1] and summary.shards_skipped == [0]
     assert not stray.exists()

@@ -391,7 +391,7 @@ def test_failed_first_run_does_not_block_a_corrected_job(tmp_path, tiny_model_di
     def broken(*args, **kwargs):
         raise RuntimeError("the first run dies before committing anything")
 
-    monkeypatch.setattr("pipeline.shard.reduce_batch", broken)
+    monkeypatch.setattr("pipeline.shard.reduce_batch_async", broken)
     with pytest.raises(RuntimeError):
         run(bad)
     monkeypatch.undo()

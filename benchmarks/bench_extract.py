@@ -1,0 +1,278 @@
+"""Extraction speed against plain inference: the numbers issue 6 is judged by.
+
+On a GPU (CUDA): for BERT-base 32 x 512, GPT-2 16 x 1024 and a Llama GQA shape 4 x 2048 (random
+weights, nothing downloaded), in one process, tokens/s and peak GPU memory of
+  sdpa       plain forward with SDPA attention, nothing kept (the floor)
+  eager      plain forward with eager attention
+  naive      eager + output_attentions=True, every layer's map copied to the host
+  eager+red  eager attention, the torch recipes on the device (the 0.1 design)
+  attnpipe   attnpipe's capture (run.attention auto) + recipes + rows to the Parquet writer,
+             for the default recipe set and again with per-head topk k=8 added
+Ratios are to sdpa. Written as a table and as JSON.
+
+On a CPU (no CUDA, or --cpu): the whole process, as a user runs it: `attnpipe run` with the
+default recipe set over the demo corpus repeated four times (MiniLM, float32), against a plain
+script that reads the same corpus with datasets, tokenizes the same windows, batches them the
+same way and runs the model with eager attention, keeping nothing.
+
+Usage: python benchmarks/bench_extract.py [--cpu] [--json FILE] [--repeats 3] [--quick]
+  --quick: tiny shapes (smoke test of the GPU code path on any device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DEFAULT = [{"name": "head_stats"}, {"name": "topk", "k": 8, "per_head": False}, {"name": "rollout", "k": 8}]
+PER_HEAD = DEFAULT + [{"name": "topk", "k": 8, "per_head": True}]
+SHAPES = {  # name -> (config factory, batch, tokens)
+    "bert-base": ("bert", 32, 512), "gpt2": ("gpt2", 16, 1024), "llama-gqa": ("llama", 4, 2048)}
+QUICK = {"bert-base": ("bert", 2, 64), "gpt2": ("gpt2", 2, 64), "llama-gqa": ("llama", 1, 128)}
+
+
+def machine(device: str) -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    if device == "cuda":
+        import torch
+
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), host {cpu}"
+    return f"{cpu}, {os.cpu_count()} cores, no GPU"
+
+
+# ---------------------------------------------------------------- CPU: whole processes
+
+PLAIN = '''
+import sys, torch, datasets
+from transformers import AutoModel, AutoTokenizer
+from pipeline.hub import builtin_model_dir
+from pipeline.windows import tokenize, make_batches, collate
+ds = datasets.load_dataset("json", data_files=sys.argv[1], split="train")
+tok = AutoTokenizer.from_pretrained(builtin_model_dir())
+model = AutoModel.from_pretrained(builtin_model_dir(), attn_implementation="eager").eval()
+windows = tokenize(tok, [t or "" for t in ds["text"]], 128, 32)
+with torch.inference_mode():
+    for batch in make_batches(windows, 8192):
+        ids, mask = collate([windows[i] for i in batch], tok.pad_token_id)
+        model(input_ids=ids, attention_mask=mask)
+print(sum(len(w) for w in windows))
+'''
+
+
+def cpu_corpus(folder: Path) -> Path:
+    rows = [json.loads(line) for line in (REPO / "jobs/data/demo_corpus.jsonl").read_text().splitlines()]
+    path = folder / "corpus4.jsonl"
+    path.write_text("".join(json.dumps({"id": f"{r['id']}-{k}", "text": r["text"]}) + "\n"
+                            for k in range(4) for r in rows))
+    return path
+
+
+def wall(cmd: list[str], env=None) -> tuple[float, str]:
+    started = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    if done.returncode:
+        sys.exit(f"failed: {' '.join(cmd)}\n{done.stderr[-2000:]}")
+    return time.perf_counter() - started, done.stdout
+
+
+def run_cpu(repeats: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        corpus = cpu_corpus(tmp)
+        job = tmp / "job.toml"
+        job.write_text(f'name = "bench"\n[corpus]\npath = "{corpus}"\nid_column = "id"\n[model]\nmax_length = 128\n'
+                       f'stride = 32\n[run]\ndevice = "cpu"\nnum_shards = 1\nprogress = false\n')
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        plain_s, attn_s = [], []
+        tokens = None
+        for r in range(repeats):
+            seconds, out = wall([sys.executable, "-c", PLAIN, str(corpus)], env)
+            plain_s.append(seconds)
+            tokens = int(out.strip().splitlines()[-1])
+            seconds, _ = wall([sys.executable, "-m", "pipeline.cli", "run", str(job), "-q", "-o", str(tmp / f"out{r}")], env)
+            attn_s.append(seconds)
+        plain, attn = statistics.median(plain_s), statistics.median(attn_s)
+        return {"machine": machine("cpu"), "tokens": tokens, "plain_s": plain_s, "attnpipe_s": attn_s,
+                "plain_median_s": plain, "attnpipe_median_s": attn, "speed_ratio": plain / attn}
+
+
+def print_cpu(r: dict) -> None:
+    print(f"CPU, whole process ({r['machine']}), {r['tokens']:,} tokens, MiniLM float32, default recipes")
+    print(f"  plain eager script  {r['plain_median_s']:7.1f} s   {r['tokens'] / r['plain_median_s']:8,.0f} tok/s")
+    print(f"  attnpipe run        {r['attnpipe_median_s']:7.1f} s   {r['tokens'] / r['attnpipe_median_s']:8,.0f} tok/s")
+    print(f"  attnpipe speed / plain script speed: {r['speed_ratio']:.2f}x (target >= 0.8x)")
+
+
+# ---------------------------------------------------------------- GPU: one process
+
+def build_model(kind: str, dtype):
+    import torch
+    from transformers import AutoModel, BertConfig, GPT2Config, LlamaConfig
+
+    config = {"bert": lambda: BertConfig(max_position_embeddings=2048),
+              "gpt2": lambda: GPT2Config(n_positions=2048),
+              "llama": lambda: LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                                           num_attention_heads=32, num_key_value_heads=8,
+                                           max_position_embeddings=4096, vocab_size=32000)}[kind]()
+    torch.manual_seed(0)
+    return AutoModel.from_config(config, attn_implementation="sdpa", dtype=dtype).eval()
+
+
+def gpu_batch(batch: int, tokens: int, vocab: int, device):
+    import torch
+
+    from pipeline.windows import Window
+
+    g = torch.Generator().manual_seed(0)
+    windows = []
+    for b in range(batch):  # one full row, the rest ragged: padding in every batch
+        n = tokens if b == 0 else int(torch.randint(tokens * 3 // 4, tokens + 1, (1,), generator=g))
+        ids = torch.randint(10, vocab - 10, (n,), generator=g).tolist()
+        windows.append(Window(b, 0, ids, [(0, 0)] * n, [False] * n))
+    return windows
+
+
+def timed(fn, sync, repeats: int) -> tuple[float, float]:
+    import torch
+
+    fn()
+    sync()
+    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    return statistics.median(times), peak
+
+
+def run_gpu(shapes: dict, device_name: str, repeats: int, dtype_name: str) -> list[dict]:
+    import torch
+
+    from pipeline.model import LoadedModel
+    from pipeline.recipes import LayerAttention, validate_recipe
+    from pipeline.reduce import apply_recipes, batch_masks, reduce_batch
+    from pipeline.store.writer import ShardWriter
+    from pipeline.windows import collate
+    from pipeline.hub import builtin_model_dir
+    from transformers import AutoTokenizer
+
+    device = torch.device(device_name)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype_name]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    tok = AutoTokenizer.from_pretrained(builtin_model_dir())
+    results = []
+    for name, (kind, batch, tokens) in shapes.items():
+        model = build_model(kind, dtype).to(device)
+        windows = gpu_batch(batch, tokens, min(model.config.vocab_size, len(tok)), device)  # ids the tokenizer knows
+        ids, mask = (t.to(device) for t in collate(windows, 0))
+        n_tokens = int(mask.sum())
+        row = {"model": name, "batch": batch, "tokens": tokens, "dtype": dtype_name}
+
+        def forward(impl, **kw):
+            model.set_attn_implementation(impl)
+            with torch.inference_mode():
+                return model(input_ids=ids, attention_mask=mask, **kw)
+
+        def naive():
+            out = forward("eager", output_attentions=True)
+            return [a.float().cpu() for a in out.attentions]
+
+        lm = LoadedModel(model, tok, name, device, dtype_name, backend="eager")
+        recipes = [validate_recipe(r, "bench") for r in DEFAULT]
+        masks = batch_masks(lm, windows, ids)
+
+        def eager_reduce():
+            out = forward("eager", output_attentions=True)
+            carry = {}
+            for layer, probs in enumerate(out.attentions):
+                apply_recipes(LayerAttention(probs, layer, masks), recipes, carry)
+
+        def attnpipe(recipe_set):
+            specs = [validate_recipe(r, "bench") for r in recipe_set]
+            lm.backend = "sdpa" if device.type == "cuda" else "eager"
+            model.set_attn_implementation("attnpipe")
+
+            def go():
+                with tempfile.TemporaryDirectory() as tmp, ShardWriter(Path(tmp), 0, "bench0000", {}) as w:
+                    from pipeline.shard import output_columns
+                    import numpy as np
+                    import pyarrow as pa
+                    doc_ids = pa.array([f"d{i}" for i in range(len(windows))])
+                    wids = np.zeros(len(windows), dtype=np.int32)
+                    for o in reduce_batch(lm, windows, specs):
+                        w.write_batch({"head_stats": "head_stats", "topk": "edges", "rollout": "rollout"}[
+                            specs[o.recipe]["name"]], output_columns(o, specs[o.recipe], doc_ids, wids),
+                            layer=o.layer, recipe=o.recipe)
+                    w.finalize()
+            return go
+
+        methods = {"sdpa": lambda: forward("sdpa"), "eager": lambda: forward("eager"), "naive": naive,
+                   "eager+red": eager_reduce, "attnpipe": attnpipe(DEFAULT), "attnpipe+perhead": attnpipe(PER_HEAD)}
+        for method, fn in methods.items():
+            try:
+                seconds, peak = timed(fn, sync, repeats)
+                row[method] = {"tok_s": n_tokens / seconds, "peak_gib": peak}
+            except torch.cuda.OutOfMemoryError:
+                row[method] = {"tok_s": float("nan"), "peak_gib": float("nan"), "oom": True}
+                torch.cuda.empty_cache()
+        results.append(row)
+        del model, lm
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def print_gpu(rows: list[dict], where: str) -> None:
+    methods = ["sdpa", "eager", "naive", "eager+red", "attnpipe", "attnpipe+perhead"]
+    print(f"Extraction, tokens/s (ratio to sdpa) [peak GiB] on {where}")
+    print(f"{'model':<22}" + "".join(f"{m:>24}" for m in methods))
+    for r in rows:
+        base = r["sdpa"]["tok_s"]
+        cells = [f"{r[m]['tok_s']:>9,.0f} ({r[m]['tok_s'] / base:4.2f}x) [{r[m]['peak_gib']:4.1f}]" for m in methods]
+        label = f"{r['model']} {r['batch']}x{r['tokens']}"
+        print(f"{label:<22}"
+              + "".join(f"{c:>24}" for c in cells))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cpu", action="store_true", help="the CPU whole-process comparison even with CUDA")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--json", type=Path, help="write the figures here")
+    args = ap.parse_args()
+    import torch
+
+    if args.cpu or not torch.cuda.is_available():
+        if args.quick:
+            rows = run_gpu(QUICK, "cpu", args.repeats, "float32")
+            print_gpu(rows, machine("cpu") + " (quick smoke run of the GPU code path)")
+            result = {"quick": rows}
+        else:
+            result = {"cpu": run_cpu(args.repeats)}
+            print_cpu(result["cpu"])
+    else:
+        rows = run_gpu(QUICK if args.quick else SHAPES, "cuda", args.repeats, args.dtype)
+        print_gpu(rows, machine("cuda"))
+        result = {"gpu": rows, "machine": machine("cuda")}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
