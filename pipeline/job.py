@@ -62,9 +62,11 @@ class RunSpec(_Section):
     # float32 model under ~1 GiB of attention maps per layer on CPU or GPU.
     batch_tokens: int = Field(default=8192, ge=1)
     device: str = "auto"
-    # How each layer's output is computed (see pipeline/capture): auto = sdpa on CUDA, eager
-    # elsewhere. The stored numbers are the same either way (tested to 1e-5).
-    attention: Literal["auto", "eager", "sdpa"] = "auto"
+    # How each layer is computed (see pipeline/capture): eager (the model's own attention; its
+    # probabilities feed the recipes), sdpa (torch's fused attention; probabilities recomputed
+    # once per layer when needed), fused (sdpa + Triton kernels on q and k, P never stored).
+    # auto = fused on CUDA with triton, sdpa on CUDA without, eager on the CPU.
+    attention: Literal["auto", "eager", "sdpa", "fused"] = "auto"
     progress: bool = True
     # Storage precision of attention values (weights, maps, head statistics). bfloat16: float32
     # columns holding values rounded to 8 significant bits (relative error <= 0.2%), which

@@ -115,17 +115,36 @@ class LoadedModel:
     backend: str = "auto"
 
     def __post_init__(self):
+        from . import kernels
+
         if self.backend == "auto":
-            self.backend = "sdpa" if self.device.type == "cuda" else "eager"
+            self.backend = ("fused" if kernels.available() else "sdpa") if self.device.type == "cuda" else "eager"
+        # "fused": SDPA for the layer output, the Triton kernels (or, without them, their torch
+        # reference) for the statistics, from q and k.
+        self.kernels = None
+        if self.backend == "fused":
+            self.kernels = kernels.triton if kernels.available() else kernels.reference
         self.model.set_attn_implementation(capture.BACKEND)
         self.model.eval().to(self.device)
         if getattr(self.model.config, "use_cache", None):
             self.model.config.use_cache = False
         self.encoder = self.model.get_encoder() if self.model.config.is_encoder_decoder else self.model
         self.causal, self.num_layers, self.num_heads = self._probe()
-        self.provenance.update(model=self.name, dtype=self.dtype, attention_backend=f"{capture.BACKEND}({self.backend})",
+        self.provenance.update(model=self.name, dtype=self.dtype, attention_backend=self.backend_name,
                                causal=self.causal, num_layers=self.num_layers, num_heads=self.num_heads,
                                tokenizer=type(self.tokenizer).__name__, versions=_versions())
+
+    @property
+    def backend_name(self) -> str:
+        """What provenance records: attnpipe(eager), attnpipe(sdpa), attnpipe(fused:triton), ..."""
+        if self.kernels is None:
+            return f"{capture.BACKEND}({self.backend})"
+        return f"{capture.BACKEND}(fused:{self.kernels.__name__.rsplit('.', 1)[-1].replace('triton_attn', 'triton')})"
+
+    @property
+    def capture_backend(self) -> str:
+        """How the layer output is computed: the fused backend takes it from SDPA."""
+        return "sdpa" if self.backend == "fused" else self.backend
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
@@ -137,7 +156,8 @@ class LoadedModel:
         exactly zero weight above the diagonal, a bidirectional one never does."""
         seen = []
         ids = torch.tensor([[self.pad_id or 0] * 3], device=self.device)
-        with capture.capturing(lambda layer, probs: seen.append(probs), backend=self.backend, model=self.model):
+        with capture.capturing(lambda layer, probs: seen.append(probs), backend=self.capture_backend,
+                               model=self.model):
             self.forward(ids, torch.ones_like(ids))
         if not seen:
             raise ModelError(f"{self.name}: no attention layer called the attnpipe capture "

@@ -11,6 +11,7 @@ import torch
 from .capture import LayerInputs, capture_layers
 from .model import LoadedModel
 from .recipes import RECIPES, BatchMasks, LayerAttention
+from .recipes.fused import FusedAttention
 from .windows import Window, collate
 
 
@@ -37,6 +38,9 @@ def batch_masks(lm: LoadedModel, windows: list[Window], ids: torch.Tensor) -> Ba
 def apply_recipes(att: LayerAttention, recipes: list[dict], carry: dict[int, torch.Tensor]
                   ) -> list[tuple[int, dict[str, torch.Tensor]]]:
     """Every recipe on one layer; `carry` holds stateful recipes' state between layers."""
+    from .recipes.fused import FUSED
+
+    fused = isinstance(att, FusedAttention) and att.supported
     out = []
     for i, spec in enumerate(recipes):
         recipe = RECIPES[spec["name"]]
@@ -44,7 +48,7 @@ def apply_recipes(att: LayerAttention, recipes: list[dict], carry: dict[int, tor
         if recipe.stateful:
             cols, carry[i] = recipe.fn(att, carry.get(i), **params)
         else:
-            cols = recipe.fn(att, **params)
+            cols = (FUSED[recipe.name] if fused and recipe.name in FUSED else recipe.fn)(att, **params)
         out.append((i, cols))
     return out
 
@@ -81,10 +85,12 @@ def reduce_batch_async(lm: LoadedModel, windows: list[Window], recipes: list[dic
         if inputs.site.kind != "self":
             return
         layer = inputs.site.layer
-        for i, cols in apply_recipes(LayerAttention(None, layer, masks, inputs), recipes, carry):
+        att = LayerAttention(None, layer, masks, inputs) if lm.kernels is None else \
+            FusedAttention(layer, masks, inputs, lm.kernels)
+        for i, cols in apply_recipes(att, recipes, carry):
             pending.append((i, layer, {k: _to_host(v) for k, v in cols.items()}))
 
-    with capture_layers(sink, backend=lm.backend, model=lm.model, causal=lm.causal):
+    with capture_layers(sink, backend=lm.capture_backend, model=lm.model, causal=lm.causal):
         lm.forward(ids, attention_mask)
     event = None
     if lm.device.type == "cuda":

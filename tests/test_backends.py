@@ -102,3 +102,35 @@ def test_out_of_memory_halves_the_batch_and_reports_it(tmp_path, tiny_model_dir,
     with pytest.raises(ModelError) as info:
         run(tmp_path / "never")
     assert "does not fit in GPU memory" in str(info.value) and "\n" not in str(info.value)
+
+
+FUSED_RECIPES = ('[[recipes]]\nname = "head_stats"\n[[recipes]]\nname = "topk"\nk = 3\n'
+                 '[[recipes]]\nname = "topk"\nk = 4\nper_head = false\n[[recipes]]\nname = "threshold"\nt = 0.2\n')
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
+def test_fused_backend_stores_what_the_torch_recipes_store(tmp_path, tiny_model_dir, arch, monkeypatch):
+    """The fused backend (SDPA output; head_stats and topk from the kernels' API on q and k,
+    here its torch reference) against the eager torch recipes, with padding, causal masks and
+    GQA. Per-head threshold falls back to P computed from q and k."""
+    from pipeline import kernels
+
+    monkeypatch.setattr(kernels, "available", lambda: False)  # the reference implementation
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    outs = {}
+    for backend in ("eager", "fused"):
+        folder = tmp_path / backend
+        folder.mkdir()
+        job = write_job(folder, corpus, tiny_model_dir(arch), recipes=FUSED_RECIPES, device="cpu",
+                        attention=backend, weight_dtype="float32")
+        outs[backend] = run_job(load_job(job), quiet=True).output
+    assert read_records(outs["fused"])[0]["provenance"]["attention_backend"] == "attnpipe(fused:reference)"
+    for table in ("head_stats", "edges"):
+        a, b = rows(outs["eager"], table), rows(outs["fused"], table)
+        assert len(a) == len(b), table
+        for col in a.columns:
+            if a[col].dtype.kind == "f":
+                np.testing.assert_allclose(a[col], b[col], atol=1e-5, err_msg=f"{table}.{col}")
+            else:
+                assert (a[col].to_numpy() == b[col].to_numpy()).all(), f"{table}.{col}"

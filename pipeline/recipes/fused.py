@@ -1,0 +1,92 @@
+"""Recipes on a layer's q and k through the fused kernels (`pipeline.kernels`), for the "fused"
+attention backend: P is never formed where a kernel can do without it.
+
+- head_stats: the per-query statistics from `row_stats` (one recompute pass after `row_lse`).
+- topk: a running top-k over key tiles (`row_topk`), per head or on the head mean.
+- rollout, and topp / threshold / dense on the head mean: the head-mean map (`head_mean_map`,
+  bfloat16), then the torch recipe on it.
+- Per-head threshold, topp and dense need every head's P: it is computed once, from q and k.
+Layers the kernels cannot express (a relative position bias such as T5's, an attention sink or
+a custom mask) fall back to the torch path. The torch recipes stay the reference: tests compare
+the two on the same layers.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cached_property
+
+import torch
+
+from .attention import HEAD_MEAN, BatchMasks, LayerAttention, edge_columns
+
+
+class FusedAttention(LayerAttention):
+    """A LayerAttention whose head mean and statistics come from the kernels."""
+
+    def __init__(self, layer: int, masks: BatchMasks, inputs, kernels):
+        super().__init__(None, layer, masks, inputs)
+        self.kernels = kernels
+
+    @property
+    def supported(self) -> bool:
+        return self.inputs.position_bias is None
+
+    @property
+    def _common(self) -> dict:
+        i = self.inputs
+        return {"scaling": i.scaling, "lengths": self.masks.lengths.to(torch.int32),
+                "causal": self.masks.causal, "window": i.sliding_window}
+
+    @cached_property
+    def lse(self) -> torch.Tensor:  # (batch, head, query_pos)
+        return self.kernels.row_lse(self.inputs.query, self.inputs.key, **self._common)
+
+    @cached_property
+    def head_mean(self) -> torch.Tensor:  # (batch, 1, query_pos, key_pos) float32
+        if not self.supported:
+            return super().head_mean
+        mean = self.kernels.head_mean_map(self.inputs.query, self.inputs.key, self.lse, **self._common)
+        return mean.float()[:, None].masked_fill(~self.masks.pair_valid, 0.0)
+
+    @cached_property
+    def key_flags(self) -> torch.Tensor:  # (batch, key_pos) uint8: 1 special, 2 sep, 4 punct
+        m = self.masks
+        return (m.special.to(torch.uint8) | (m.sep.to(torch.uint8) << 1) | (m.punct.to(torch.uint8) << 2))
+
+
+def head_stats(att: FusedAttention) -> dict[str, torch.Tensor]:
+    """head_stats (see its torch recipe) from the kernels' per-query statistics."""
+    m = att.masks
+    stats = att.kernels.row_stats(att.inputs.query, att.inputs.key, att.lse, key_flags=att.key_flags,
+                                  **att._common)  # (batch, head, query_pos, 9)
+    n_keys = m.pair_valid.sum(-1).float()  # (batch, 1, query_pos)
+    log_n = torch.where(n_keys > 1, n_keys.clamp_min(2).log(), torch.full_like(n_keys, math.inf))
+    names = ("entropy", "first_mass", "sep_mass", "special_mass", "self_mass", "prev_mass", "next_mass",
+             "punct_mass", "mean_distance")
+    per_query = {name: stats[..., i] for i, name in enumerate(names)}
+    per_query["entropy_norm"] = per_query["entropy"] / log_n
+    valid = m.token_valid[:, None, :].float()
+    batch, heads = stats.shape[:2]
+    cols = {"batch_index": torch.arange(batch, device=stats.device).repeat_interleave(heads),
+            "head": torch.arange(heads, device=stats.device).repeat(batch),
+            "window_tokens": m.lengths.repeat_interleave(heads)}
+    order = ("entropy", "entropy_norm", "first_mass", "sep_mass", "special_mass", "self_mass", "prev_mass",
+             "next_mass", "punct_mass", "mean_distance")
+    cols.update({name: ((per_query[name] * valid).sum(-1) / valid.sum(-1).clamp_min(1.0)).reshape(-1)
+                 for name in order})
+    return cols
+
+
+def topk(att: FusedAttention, *, k: int, per_head: bool) -> dict[str, torch.Tensor]:
+    """topk (see its torch recipe) from the kernels' running top-k."""
+    k_top = min(k, att.inputs.key.shape[-2])
+    weight, key_pos = att.kernels.row_topk(att.inputs.query, att.inputs.key, att.lse, k_top=k_top,
+                                           head_mean=not per_head, **att._common)
+    cols = edge_columns(key_pos >= 0, key_pos.long(), weight, per_head)
+    if not per_head:
+        cols["head"] = torch.full_like(cols["head"], HEAD_MEAN)
+    return cols
+
+
+FUSED = {"head_stats": head_stats, "topk": topk}
