@@ -29,7 +29,7 @@ _LOW31 = 2**31 - 1
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, window: int | None,
-                 key_flags: torch.Tensor | None = None) -> int:
+                 key_flags: torch.Tensor | None = None, lse: torch.Tensor | None = None) -> int:
     """Validate shapes (never values: that would sync the GPU); return n_rep = head // kv_head."""
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q and k must be 4-d (batch, head, pos, dim); got {tuple(q.shape)} and {tuple(k.shape)}")
@@ -44,6 +44,8 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, window
     if key_flags is not None and (tuple(key_flags.shape) != (batch, n_keys) or key_flags.dtype != torch.uint8):
         raise ValueError(f"key_flags must be uint8 of shape ({batch}, {n_keys}); got "
                          f"{key_flags.dtype} {tuple(key_flags.shape)}")
+    if lse is not None and tuple(lse.shape) != tuple(q.shape[:3]):
+        raise ValueError(f"lse must have shape {tuple(q.shape[:3])} (batch, head, query_pos); got {tuple(lse.shape)}")
     return heads // kv_heads
 
 
@@ -73,8 +75,8 @@ def scores(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
 
 def _probs(q, k, lse, scaling, lengths, causal, window) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(P, S, valid): P zero outside valid pairs, S the scaled scores (0 outside valid pairs)."""
-    check_inputs(q, k, lengths, window)
-    valid = pair_valid(lengths, q.shape[2], k.shape[2], causal, window)
+    check_inputs(q, k, lengths, window, lse=lse)
+    valid = pair_valid(lengths.to(q.device), q.shape[2], k.shape[2], causal, window)
     s = scores(q, k, scaling).masked_fill_(~valid, 0.0)
     p = (s - lse[..., None]).exp_().masked_fill_(~valid, 0.0)  # (batch, head, query_pos, key_pos)
     return p, s, valid
@@ -83,7 +85,7 @@ def _probs(q, k, lse, scaling, lengths, causal, window) -> tuple[torch.Tensor, t
 def row_lse(q, k, *, scaling: float, lengths: torch.Tensor, causal: bool, window: int | None = None) -> torch.Tensor:
     """(batch, head, query_pos) float32: log-sum-exp of each row of S over its valid keys (0 for padding)."""
     check_inputs(q, k, lengths, window)
-    valid = pair_valid(lengths, q.shape[2], k.shape[2], causal, window)
+    valid = pair_valid(lengths.to(q.device), q.shape[2], k.shape[2], causal, window)
     lse = scores(q, k, scaling).masked_fill_(~valid, float("-inf")).logsumexp(-1)
     return torch.where(valid.any(-1), lse, 0.0)
 
@@ -108,8 +110,8 @@ def row_stats(q, k, lse, *, scaling: float, lengths: torch.Tensor, causal: bool,
     check_inputs(q, k, lengths, window, key_flags)
     p, s, valid = _probs(q, k, lse, scaling, lengths, causal, window)
     entropy = (p * (lse[..., None] - s)).sum(-1).clamp_min_(0.0)
-    bits = torch.tensor([SEP, SPECIAL, PUNCT], dtype=torch.uint8, device=key_flags.device)
-    flags = ((key_flags[..., None] & bits) != 0).float()  # (batch, key_pos, 3)
+    bits = torch.tensor([SEP, SPECIAL, PUNCT], dtype=torch.uint8, device=p.device)
+    flags = ((key_flags.to(p.device)[..., None] & bits) != 0).float()  # (batch, key_pos, 3)
     flag_mass = p @ flags[:, None]  # (batch, head, query_pos, 3): sep, special, punct
     position = torch.arange(p.shape[-1], device=p.device, dtype=torch.float32)
     distance = (torch.arange(p.shape[-2], device=p.device, dtype=torch.float32)[:, None] - position).abs_()

@@ -1,56 +1,53 @@
 """Attention statistics from q and k as Triton kernels that never write P to memory.
 
 Same four functions, signatures and conventions as `reference.py` (read its docstring first).
-The design is flash attention's backward recompute: pass 1 (`row_lse`) streams key tiles with an
-online max and sum and writes one float32 LSE per row; every other pass recomputes S = q k^T one
-(BLOCK_M x BLOCK_N) tile at a time, forms P = exp2(S*log2e - LSE*log2e) in registers and reduces
-it on the spot. Only `head_mean_map`, whose output *is* a map, writes anything of size key_pos.
+Flash attention's backward recompute: pass 1 (`row_lse`) streams key tiles with an online max and
+sum and writes one float32 LSE per row; every other pass recomputes S = q k^T one (BLOCK_M x
+BLOCK_N) tile at a time, forms P = exp2(S*log2e - LSE*log2e) in registers and reduces it there.
+Only `head_mean_map`, whose output *is* a map, writes anything of size key_pos.
 
-Kernels (programs along axis 0 are the fastest-varying, so neighbouring programs share K in L2):
-- `_lse_kernel`   grid (query tiles, batch*head). Online softmax statistics, as the forward.
-- `_stats_kernel` grid (query tiles, batch*head). Per tile: entropy term P*(LSE-S), P on flagged
-  keys, P*|i-j|. The single-key masses (key 0, self, previous, next) are not tile reductions: each
-  is one row-wise dot q_i . k_j outside the loop, which saves four masked sums per element.
-- `_topk_kernel`  grid (query tiles, batch*head), or (query tiles, batch) on the head mean, whose
-  inner loop runs over kv heads (one K tile load) and the n_rep query heads that share it.
-  Running top-k: P and its key position are packed into one int64 (float bits << 32 |
-  2^31-1-key_pos), which orders by weight and breaks ties to the smaller position with a single
-  integer compare. A tile is first cut to its top KP (KP = next power of two >= k_top) with
-  `tl.topk` (bitonic), then merged with the ascending KP-wide buffer by the bitonic half-cleaner
-  max(buffer_asc, tile_desc) and re-sorted with `tl.sort`. Both are data-independent networks,
-  so the interpreter and compiled code run the same steps; a tile that cannot beat any row's
-  current k-th entry skips the merge (one max per row). k_top <= 128 (BLOCK_N is raised to KP).
-- `_map_kernel`   grid (key tiles, query tiles, batch): one output tile per program, summing P
-  over heads in registers; tiles outside the causal/window band are written as zeros, unread.
-Key tiles outside the band are never visited: the loop runs from the window's first key (rounded
-down to the tile) to min(length, last query of the tile + 1) when causal, else to length.
+Kernels (axis 0 varies fastest, so neighbouring programs read the same K tiles from L2):
+- `_lse_kernel`   grid (query tiles, batch*head): the forward's online softmax without PV.
+- `_stats_kernel` grid (query tiles, batch*head): per tile, P*(LSE-S) (entropy), P on the three
+  key flags, P*|i-j|; the single-key masses (key 0, self, previous, next) only on the <= 3 tiles
+  that hold them, behind a branch on the tile position.
+- `_topk_kernel`  grid (query tiles, batch*head), or (query tiles, batch) on the head mean, which
+  loops over kv heads (one K tile load) and the n_rep query heads sharing it. P and its key
+  position are packed into one int64, (float bits << 32) | (2^31-1-key_pos), so one integer
+  compare orders by weight with ties to the smaller position. Each tile is cut to its top KP
+  (KP = next power of two >= k_top) by `tl.topk` (a bitonic network), merged with the running
+  ascending KP-wide buffer by the bitonic half-cleaner max(buffer_asc, tile_desc) and re-sorted by
+  `tl.sort`. Data-independent networks: the interpreter and compiled code take the same steps. A
+  tile where no row beats its current k-th entry skips the merge. k_top <= 128.
+- `_map_kernel`   grid (key tiles, query tiles, batch): one output tile per program, P summed
+  over heads in registers; tiles outside the causal/window band are stored as zeros unread.
+Key tiles outside the band are never visited: each query tile loops from the window's first key
+(rounded down to a tile) to min(length, its last query + 1) if causal, else to length.
 
-Cost (dense QK^T FLOPs F = 2 * batch * head * query_pos * key_pos * dim, halved when causal; bf16
-q/k; an H100 SXM has ~990 TFLOP/s bf16 tensor, ~67 TFLOP/s fp32 vector, 3.35 TB/s HBM):
-                         BERT-base 32x512 (12 heads, d 64)  Llama GQA 4x2048 (32 q / 8 kv, d 64, causal)
-  QK^T per pass          F = 12.9 GFLOP                     F = 34.4 GFLOP (dense 68.7)
-  SDPA forward (QK,PV)   25.8 GFLOP                         68.7 GFLOP
-  q + k read (HBM)       25.2 + 25.2 MB                     33.6 + 8.4 MB
-  row_lse writes         0.8 MB                             1.0 MB
-  row_stats writes       7.1 MB (9 x float32 per row)       9.4 MB
-  row_topk k=8 writes    12.6 MB per head, 0.5 MB mean      16.8 MB per head, 0.5 MB mean
-  head_mean_map writes   16.8 MB bf16 (vs 403 MB for P)     33.6 MB bf16 (vs 2.1 GB for P f32)
-  exp2 per pass          101 M                              268 M (causal half of 537 M)
-Every pass reads q and k once from HBM (tiles of K are re-read by the query tiles of the same
-head from L2) and writes O(rows) bytes, so each pass is compute-bound: arithmetic intensity is
-~250 FLOP/byte against the H100's ~300 ridge, and the elementwise work per score (about 8 ops
-for LSE, ~20 for stats, the top-k network for topk) runs on the vector units like the softmax of
-a forward. pass 1 + one recompute pass = 2x the QK^T FLOPs and about 2x the exp count of a
-forward with no PV GEMM and no P in HBM, so row_lse + row_stats should land near 1-1.5x of an SDPA
-attention forward (not measured: this module has only run in the interpreter). `head_mean_map`
-and the head-mean top-k recompute every head per output tile: F FLOPs, plus the output.
-Pass 1 could be dropped entirely where the forward's own kernel returns the LSE.
+Expected cost (not measured: no GPU was available; F = 2 * batch * head * q_pos * k_pos * dim,
+halved by causal skipping; bf16 inputs; H100 SXM: ~990 TFLOP/s bf16 MMA, 3.35 TB/s HBM):
+                          BERT-base 32x512, 12 heads, d 64   Llama GQA 4x2048, 32 q/8 kv, d 64, causal
+  QK^T FLOPs per pass     12.9 G                             34.4 G (68.7 G dense)
+  SDPA forward (QK + PV)  25.8 G                             68.7 G
+  q + k read from HBM     25.2 + 25.2 MB                     33.6 + 8.4 MB
+  written: row_lse        0.8 MB                             1.0 MB
+           row_stats      7.1 MB                             9.4 MB
+           row_topk k=8   12.6 MB per head, 1.0 MB mean      16.8 MB per head, 0.5 MB mean
+           head_mean_map  16.8 MB bf16 (P in f32: 403 MB)    33.6 MB bf16 (P in f32: 2.1 GB)
+  exp2 per pass           101 M                              268 M
+Each pass reads q and k once (K tiles are re-read from L2 by the query tiles of a head) and
+writes O(rows) bytes: ~250 (BERT) to ~800 (Llama) FLOP per HBM byte against the H100's ~300
+ridge, so no pass is bandwidth-bound. The limit is the vector work per score, as in a forward's softmax: ~8 ops + one
+exp2 for LSE, ~20 + one exp2 for stats, ~20 for the top-k network. row_lse + row_stats = 2x the
+QK^T FLOPs of a forward, no PV GEMM, no P in HBM: about 1-1.5x an SDPA attention forward. The
+head-mean passes recompute every head per tile (F FLOPs); their grid is batch x query tiles (128
+programs at 4x2048), so a split over key ranges is the next step if they measure slow. Pass 1
+disappears where the forward's own kernel returns its LSE.
 
-Accumulation is float32 throughout. float32 inputs use input_precision="ieee" (exact products,
-vector FMA: slow but matches the reference to ~1e-6); bf16/fp16 use tensor cores. Under the
-interpreter bf16 operands are cast to float32 before tl.dot: Triton's interpreter multiplies the
-raw bf16 bit patterns (triton-lang/triton#11584, unsupported upstream); the products are exact in
-float32 either way, so only the summation order differs from the compiled path.
+Accumulation is float32 throughout. float32 inputs use input_precision="ieee" (exact products on
+the FMA units: slow, small tiles); bf16/fp16 use the tensor cores (products exact in float32).
+The interpreter casts bf16 operands to float32 before tl.dot because it multiplies raw bf16 bit
+patterns otherwise (triton-lang/triton#11584); only the summation order differs from compiled.
 """
 
 from __future__ import annotations
@@ -66,8 +63,9 @@ import triton.language as tl
 from .reference import EMPTY_INDEX, EMPTY_VALUE, STATS, check_inputs
 
 LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
+_LOG2E, _LN2 = tl.constexpr(LOG2E), tl.constexpr(math.log(2.0))
 NEG = tl.constexpr(-1.0e30)  # masked log2 P: finite, so exp2 gives 0 and 0 * NEG stays 0 (no NaN)
+_EMPTY_VALUE, _EMPTY_INDEX = tl.constexpr(EMPTY_VALUE), tl.constexpr(EMPTY_INDEX)
 MAX_K_TOP = 128
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _tile_override: tuple[int, int] | None = None
@@ -87,18 +85,19 @@ def tiles(block_m: int, block_n: int):
 def _tile(kind: str, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps). Half types: wgmma tiles for sm_90; float32: the exact (ieee)
     product runs on the FMA units and holds its operands in registers, so its tiles are small.
-    Each choice compiles for sm_90 with no register spills at head_dim 64 and 128 (ptxas)."""
+    ptxas (sm_90, head_dim 64 to 128) reports no spills for these, except <= 200 bytes of stack
+    for k_top > 64 and for the head-mean top-k with k_top 32 at head_dim 128."""
     if _tile_override is not None:
         return (*_tile_override, 4)
     if dtype == torch.float32:
-        return 32, 32, 4
+        return 32, 32, 8 if kind == "mean" else 4
     return {"lse": (128, 64, 8), "stats": (128, 64, 8), "topk": (64, 64, 8), "mean": (64, 64, 8)}[kind]
 
 
 @triton.jit
 def _valid(qpos, kpos, length, n_query, n_keys, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Broadcastable bool: query qpos may attend to key kpos."""
-    ok = (qpos < tl.minimum(length, n_query)) & (kpos >= 0) & (kpos < tl.minimum(length, n_keys))
+    ok = (qpos < tl.minimum(length, n_query)) & (kpos < tl.minimum(length, n_keys))
     if CAUSAL:
         ok = ok & (kpos <= qpos)
     if HAS_WINDOW:
@@ -122,7 +121,7 @@ def _band(m0, length, n_keys, window, BLOCK_M: tl.constexpr, CAUSAL: tl.constexp
 @triton.jit
 def _load_rows(ptr, rows, offs_d, n_rows, head_dim, row_stride):
     """(len(rows), BLOCK_D) tile of a (pos, dim) matrix with unit dim stride; zeros outside."""
-    mask = (rows[:, None] >= 0) & (rows[:, None] < n_rows) & (offs_d[None, :] < head_dim)
+    mask = (rows[:, None] < n_rows) & (offs_d[None, :] < head_dim)
     return tl.load(ptr + rows[:, None] * row_stride + offs_d[None, :], mask=mask, other=0.0)
 
 
@@ -170,7 +169,7 @@ def _lse_kernel(Q, K, L, LSE, sqb, sqh, sqm, skb, skh, skn, n_heads, n_rep, n_qu
         row_max = new_max
     # The row maximum contributes exactly 1, so a real row sums to >= 1; the clamp only keeps empty
     # (padding) rows away from log2(0).
-    lse = (row_max + tl.log2(tl.maximum(row_sum, 1.0))) * 0.6931471805599453  # log2 -> nats
+    lse = (row_max + tl.log2(tl.maximum(row_sum, 1.0))) * _LN2  # log2 -> nats
     row_ok = offs_m < tl.minimum(length, n_query)
     tl.store(LSE + bh * n_query + offs_m, tl.where(row_ok, lse, 0.0), mask=offs_m < n_query)
 
@@ -187,7 +186,7 @@ def _stats_kernel(Q, K, L, LSE, FLAGS, OUT, sqb, sqh, sqm, skb, skh, skn, sfb, n
     offs_m, offs_d = m0 + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
     q = _load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, n_query, head_dim, sqm)
     k_ptr = K + b * skb + (h // n_rep) * skh
-    lse2 = tl.load(LSE + bh * n_query + offs_m, mask=offs_m < n_query, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(LSE + bh * n_query + offs_m, mask=offs_m < n_query, other=0.0) * _LOG2E
     entropy = tl.zeros((BLOCK_M,), tl.float32)  # sum P * (LSE - S), in log2 units until the end
     sep = tl.zeros((BLOCK_M,), tl.float32)
     special = tl.zeros((BLOCK_M,), tl.float32)
@@ -219,7 +218,7 @@ def _stats_kernel(Q, K, L, LSE, FLAGS, OUT, sqb, sqh, sqm, skb, skh, skn, sfb, n
             prev += tl.sum(tl.where(offset == -1, p, 0.0), 1)
             next_ += tl.sum(tl.where(offset == 1, p, 0.0), 1)
     out, row = OUT + (bh * n_query + offs_m) * 9, offs_m < n_query  # columns in reference.STATS order
-    tl.store(out + 0, tl.maximum(entropy * 0.6931471805599453, 0.0), mask=row)
+    tl.store(out + 0, tl.maximum(entropy * _LN2, 0.0), mask=row)
     tl.store(out + 1, first, mask=row)
     tl.store(out + 2, sep, mask=row)
     tl.store(out + 3, special, mask=row)
@@ -242,7 +241,7 @@ def _head_mean_probs(Q, K, LSE, b, offs_m, offs_n, offs_d, valid, sqb, sqh, sqm,
             h = g * n_rep + r
             q = _load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, n_query, head_dim, sqm)
             lse = tl.load(LSE + (b * n_heads + h) * n_query + offs_m, mask=offs_m < n_query, other=0.0)
-            total += tl.exp2(_log2_probs(q, kt, lse * 1.4426950408889634, valid, scale2, UPCAST, PRECISION))
+            total += tl.exp2(_log2_probs(q, kt, lse * _LOG2E, valid, scale2, UPCAST, PRECISION))
     return total / n_heads
 
 
@@ -252,7 +251,7 @@ def _topk_kernel(Q, K, L, LSE, VALUES, INDICES, sqb, sqh, sqm, skb, skh, skn, n_
                  UPCAST: tl.constexpr, PRECISION: tl.constexpr, HEAD_MEAN: tl.constexpr, KP: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     m0 = tl.program_id(0) * BLOCK_M
-    row_set = tl.program_id(1).to(tl.int64)  # batch*head + head, or batch on the head mean
+    row_set = tl.program_id(1).to(tl.int64)  # batch * n_heads + head, or batch on the head mean
     if HEAD_MEAN:
         b = row_set
     else:
@@ -261,7 +260,7 @@ def _topk_kernel(Q, K, L, LSE, VALUES, INDICES, sqb, sqh, sqm, skb, skh, skn, n_
     offs_m, offs_d = m0 + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
     if not HEAD_MEAN:
         q = _load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, n_query, head_dim, sqm)
-        lse2 = tl.load(LSE + row_set * n_query + offs_m, mask=offs_m < n_query, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(LSE + row_set * n_query + offs_m, mask=offs_m < n_query, other=0.0) * _LOG2E
         k_ptr = K + b * skb + (h // n_rep) * skh
     best = tl.full((BLOCK_M, KP), -1, tl.int64)  # packed keys, ascending; -1 = empty slot
     lo, hi = _band(m0, length, n_keys, window, BLOCK_M, CAUSAL, HAS_WINDOW)
@@ -283,8 +282,8 @@ def _topk_kernel(Q, K, L, LSE, VALUES, INDICES, sqb, sqh, sqm, skb, skh, skn, n_
             best = tl.sort(tl.maximum(best, tl.topk(packed, KP)))
     best = tl.sort(best, descending=True)
     empty = best < 0
-    values = tl.where(empty, -1.0, (best >> 32).to(tl.int32).to(tl.float32, bitcast=True))  # EMPTY_VALUE
-    indices = tl.where(empty, -1, 2147483647 - best.to(tl.int32))  # EMPTY_INDEX
+    values = tl.where(empty, _EMPTY_VALUE, (best >> 32).to(tl.int32).to(tl.float32, bitcast=True))
+    indices = tl.where(empty, _EMPTY_INDEX, 2147483647 - best.to(tl.int32))
     offs_k = tl.arange(0, KP)
     out = (row_set * n_query + offs_m[:, None]) * k_top + offs_k[None, :]
     mask = (offs_m[:, None] < n_query) & (offs_k[None, :] < k_top)
@@ -321,9 +320,10 @@ def _run(kernel, grid, *args, **kwargs) -> None:
     kernel[grid](*args, **kwargs)
 
 
-def _launch(q, k, lengths, scaling, causal, window, kind, key_flags=None):
-    """(q, k, lengths, kernel keyword arguments) shared by every kernel; validates like the reference."""
-    n_rep = check_inputs(q, k, lengths, window, key_flags)
+def _launch(q, k, lengths, scaling, causal, window, kind, key_flags=None, lse=None):
+    """(q, k, lengths, lse, kernel keyword arguments) shared by every kernel; validates like the
+    reference and brings the small tensors to q's device, dtype and layout."""
+    n_rep = check_inputs(q, k, lengths, window, key_flags, lse)
     if q.dtype != k.dtype or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"q and k must share one of float32, bfloat16, float16; got {q.dtype} and {k.dtype}")
     q = q if q.stride(-1) == 1 else q.contiguous()
@@ -335,12 +335,14 @@ def _launch(q, k, lengths, scaling, causal, window, kind, key_flags=None):
                 HAS_WINDOW=window is not None, UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=block_m, BLOCK_N=block_n,
                 BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])), num_warps=warps)
-    return q, k, lengths.to(device=q.device, dtype=torch.int32), args
+    if lse is not None:
+        lse = lse.to(q.device, torch.float32).contiguous()
+    return q, k, lengths.to(device=q.device, dtype=torch.int32), lse, args
 
 
 def row_lse(q, k, *, scaling: float, lengths: torch.Tensor, causal: bool, window: int | None = None) -> torch.Tensor:
     """As reference.row_lse: (batch, head, query_pos) float32 log-sum-exp over valid keys."""
-    q, k, lengths, args = _launch(q, k, lengths, scaling, causal, window, "lse")
+    q, k, lengths, _, args = _launch(q, k, lengths, scaling, causal, window, "lse")
     lse = _empty(q.shape[:3], q.device, torch.float32)
     if lse.numel():
         grid = (triton.cdiv(q.shape[2], args["BLOCK_M"]), q.shape[0] * q.shape[1])
@@ -351,12 +353,12 @@ def row_lse(q, k, *, scaling: float, lengths: torch.Tensor, causal: bool, window
 def row_stats(q, k, lse, *, scaling: float, lengths: torch.Tensor, causal: bool, window: int | None = None,
               key_flags: torch.Tensor) -> torch.Tensor:
     """As reference.row_stats: (batch, head, query_pos, 9) float32, columns in reference.STATS order."""
-    q, k, lengths, args = _launch(q, k, lengths, scaling, causal, window, "stats", key_flags)
+    q, k, lengths, lse, args = _launch(q, k, lengths, scaling, causal, window, "stats", key_flags, lse)
+    flags = key_flags.to(q.device).contiguous()
     out = _empty((*q.shape[:3], len(STATS)), q.device, torch.float32)
     if out.numel():
         grid = (triton.cdiv(q.shape[2], args["BLOCK_M"]), q.shape[0] * q.shape[1])
-        _run(_stats_kernel, grid, q, k, lengths, lse.contiguous(), key_flags.contiguous(), out, sfb=key_flags.shape[1],
-             **args)
+        _run(_stats_kernel, grid, q, k, lengths, lse, flags, out, sfb=flags.stride(0), **args)
     return out
 
 
@@ -365,26 +367,25 @@ def row_topk(q, k, lse, *, scaling: float, lengths: torch.Tensor, causal: bool, 
     """As reference.row_topk (empty slots: value -1.0, index -1); k_top at most MAX_K_TOP."""
     if not 1 <= k_top <= MAX_K_TOP:
         raise ValueError(f"k_top must be in 1..{MAX_K_TOP} for the Triton path; got {k_top}")
-    q, k, lengths, args = _launch(q, k, lengths, scaling, causal, window, "mean" if head_mean else "topk")
+    q, k, lengths, lse, args = _launch(q, k, lengths, scaling, causal, window, "mean" if head_mean else "topk",
+                                       lse=lse)
     kp = triton.next_power_of_2(k_top)
     args["BLOCK_N"] = max(args["BLOCK_N"], kp)  # tl.topk cuts a tile to kp columns
-    row_sets = q.shape[0] if head_mean else q.shape[0] * q.shape[1]
     shape = (q.shape[0], 1 if head_mean else q.shape[1], q.shape[2], k_top)
-    values = _empty(shape, q.device, torch.float32)
-    indices = _empty(shape, q.device, torch.int32)
+    values, indices = _empty(shape, q.device, torch.float32), _empty(shape, q.device, torch.int32)
     if values.numel():
-        grid = (triton.cdiv(q.shape[2], args["BLOCK_M"]), row_sets)
-        _run(_topk_kernel, grid, q, k, lengths, lse.contiguous(), values, indices, k_top=k_top,
-             HEAD_MEAN=bool(head_mean), KP=kp, **args)
+        grid = (triton.cdiv(q.shape[2], args["BLOCK_M"]), shape[0] * shape[1])
+        _run(_topk_kernel, grid, q, k, lengths, lse, values, indices, k_top=k_top, HEAD_MEAN=bool(head_mean),
+             KP=kp, **args)
     return values, indices
 
 
 def head_mean_map(q, k, lse, *, scaling: float, lengths: torch.Tensor, causal: bool, window: int | None = None,
                   out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """As reference.head_mean_map: (batch, query_pos, key_pos) in out_dtype, zeros outside valid pairs."""
-    q, k, lengths, args = _launch(q, k, lengths, scaling, causal, window, "mean")
+    q, k, lengths, lse, args = _launch(q, k, lengths, scaling, causal, window, "mean", lse=lse)
     out = _empty((q.shape[0], q.shape[2], k.shape[2]), q.device, out_dtype)
     if out.numel():
         grid = (triton.cdiv(k.shape[2], args["BLOCK_N"]), triton.cdiv(q.shape[2], args["BLOCK_M"]), q.shape[0])
-        _run(_map_kernel, grid, q, k, lengths, lse.contiguous(), out, sob=out.stride(0), som=out.stride(1), **args)
+        _run(_map_kernel, grid, q, k, lengths, lse, out, sob=out.stride(0), som=out.stride(1), **args)
     return out

@@ -21,6 +21,9 @@ import torch
 from .attention import HEAD_MEAN, BatchMasks, LayerAttention, edge_columns
 
 
+MAX_FUSED_K = 128  # the Triton top-k buffer
+
+
 class FusedAttention(LayerAttention):
     """A LayerAttention whose head mean and statistics come from the kernels."""
 
@@ -30,7 +33,10 @@ class FusedAttention(LayerAttention):
 
     @property
     def supported(self) -> bool:
-        return self.inputs.position_bias is None
+        """The kernels know padding, causal masks and causal sliding windows; a position bias or a
+        bidirectional sliding window (keys on both sides) goes to the torch path."""
+        i = self.inputs
+        return i.position_bias is None and (i.sliding_window is None or self.masks.causal)
 
     @property
     def _common(self) -> dict:
@@ -79,8 +85,13 @@ def head_stats(att: FusedAttention) -> dict[str, torch.Tensor]:
 
 
 def topk(att: FusedAttention, *, k: int, per_head: bool) -> dict[str, torch.Tensor]:
-    """topk (see its torch recipe) from the kernels' running top-k."""
+    """topk (see its torch recipe) from the kernels' running top-k (up to 128 keys per query;
+    more come from the torch recipe)."""
     k_top = min(k, att.inputs.key.shape[-2])
+    if k_top > MAX_FUSED_K:
+        from .masks import topk as torch_topk
+
+        return torch_topk(att, k=k, per_head=per_head)
     weight, key_pos = att.kernels.row_topk(att.inputs.query, att.inputs.key, att.lse, k_top=k_top,
                                            head_mean=not per_head, **att._common)
     cols = edge_columns(key_pos >= 0, key_pos.long(), weight, per_head)
