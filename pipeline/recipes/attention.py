@@ -62,7 +62,14 @@ class LayerAttention:
 
     @cached_property
     def clean(self) -> torch.Tensor:
-        """Probabilities in float32 with padded and (causal) future pairs set to exactly 0."""
+        """Probabilities in float32, zero on padded keys and (causal) future keys.
+
+        Probabilities the capture produced come from a softmax over scores plus the model's
+        additive mask, whose masked entries are the dtype's minimum: exp() makes them exactly 0,
+        so they need no copy (their padded query rows stay, and every recipe drops those rows).
+        Probabilities handed in from elsewhere are masked explicitly, garbage or NaN included."""
+        if self.inputs is not None:
+            return self.probs.float()
         return self.probs.float().masked_fill(~self.masks.pair_valid, 0.0)
 
     @cached_property

@@ -5,15 +5,21 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .attention import LayerAttention
 
 
-def _mean_over_queries(per_query: torch.Tensor, att: LayerAttention) -> torch.Tensor:
-    """(batch, head, query_pos) -> (batch, head): mean over the real (unpadded) queries."""
-    valid = att.masks.token_valid[:, None, :].to(per_query.dtype)
-    return (per_query * valid).sum(-1) / valid.sum(-1).clamp_min(1.0)
+def _per_query_weights(m, dtype) -> torch.Tensor:
+    """(query_pos, key_pos, 4): |query_pos - key_pos|, and indicators of the key being the
+    query itself, the token before, the token after. One product with P gives all four."""
+    q, k = m.positions[:, None], m.positions[None, :]
+    return torch.stack([(q - k).abs(), q == k, k == q - 1, k == q + 1], dim=-1).to(dtype)
+
+
+def _keys_seen(m) -> torch.Tensor:
+    """(batch, query_pos) how many keys each query sees: the window's length, or up to itself."""
+    n = m.lengths[:, None].expand(-1, m.size)
+    return torch.minimum(n, m.positions[None, :] + 1) if m.causal else n
 
 
 def head_stats(att: LayerAttention) -> dict[str, torch.Tensor]:
@@ -26,26 +32,27 @@ def head_stats(att: LayerAttention) -> dict[str, torch.Tensor]:
     mean_distance (expected |query_pos - key_pos| in tokens).
     """
     m = att.masks
-    p = att.clean  # (batch, head, query_pos, key_pos), zero outside valid pairs
-    n_keys = m.pair_valid.sum(-1).float()  # (batch, 1, query_pos)
-    entropy = -torch.special.xlogy(p, p).sum(-1)
+    p = att.clean  # (batch, head, query_pos, key_pos), zero on padded and future keys
+    entropy = -torch.special.xlogy(p, p).sum(-1)  # (batch, head, query_pos)
+    n_keys = _keys_seen(m).to(p.dtype)[:, None, :]  # (batch, 1, query_pos)
     log_n = torch.where(n_keys > 1, n_keys.clamp_min(2).log(), torch.full_like(n_keys, math.inf))
-    distance = (m.positions[:, None] - m.positions[None, :]).abs().float()  # (query_pos, key_pos)
-    per_query = {
-        "entropy": entropy,
-        "entropy_norm": entropy / log_n,
-        "first_mass": p[..., 0],
-        "sep_mass": (p * m.sep[:, None, None, :]).sum(-1),
-        "special_mass": (p * m.special[:, None, None, :]).sum(-1),
-        "self_mass": p.diagonal(dim1=-2, dim2=-1),
-        "prev_mass": F.pad(p.diagonal(offset=-1, dim1=-2, dim2=-1), (1, 0)),
-        "next_mass": F.pad(p.diagonal(offset=1, dim1=-2, dim2=-1), (0, 1)),
-        "punct_mass": (p * m.punct[:, None, None, :]).sum(-1),
-        "mean_distance": (p * distance).sum(-1),
-    }
+    # Masses on fixed key sets, then the query-relative ones, each set in one product.
+    first = torch.zeros_like(m.sep)
+    first[:, 0] = True
+    key_sets = torch.stack([first, m.sep, m.special, m.punct], dim=-1).to(p.dtype)  # (batch, key_pos, 4)
+    fixed = p @ key_sets[:, None]  # (batch, head, query_pos, 4)
+    relative = torch.einsum("bhqk,qkc->bhqc", p, _per_query_weights(m, p.dtype))
+    stats = torch.cat([entropy[..., None], (entropy / log_n)[..., None], fixed[..., :3], relative[..., 1:],
+                       fixed[..., 3:], relative[..., :1]], dim=-1)  # (batch, head, query_pos, 10)
+    valid = m.token_valid[:, None, :, None]
+    means = torch.where(valid, stats, 0.0).sum(2) / valid.sum(2).clamp_min(1).to(p.dtype)  # (batch, head, 10)
     batch, heads = p.shape[:2]
     cols = {"batch_index": torch.arange(batch, device=p.device).repeat_interleave(heads),
             "head": torch.arange(heads, device=p.device).repeat(batch),
             "window_tokens": m.lengths.repeat_interleave(heads)}
-    cols.update({name: _mean_over_queries(v, att).reshape(-1) for name, v in per_query.items()})
+    cols.update({name: means[..., i].reshape(-1) for i, name in enumerate(STATS)})
     return cols
+
+
+STATS = ("entropy", "entropy_norm", "first_mass", "sep_mass", "special_mass", "self_mass", "prev_mass",
+         "next_mass", "punct_mass", "mean_distance")
