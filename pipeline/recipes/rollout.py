@@ -23,6 +23,6 @@ def rollout(att: LayerAttention, carry: torch.Tensor | None, *, k: int
     rolled = mixed if carry is None else mixed @ carry  # (batch, query_pos, key_pos)
     scores = rolled.masked_fill(~m.pair_valid[:, 0], float("-inf"))[:, None]
     weight, key_pos = scores.topk(min(k, scores.shape[-1]), dim=-1)
-    cols = edge_columns(torch.isfinite(weight), key_pos, weight, per_head=False)
+    cols = edge_columns(weight != float("-inf"), key_pos, weight, per_head=False)
     del cols["head"]
     return cols, rolled
