@@ -42,11 +42,14 @@ def head_stats(att: LayerAttention) -> dict[str, torch.Tensor]:
     key_sets = torch.stack([first, m.sep, m.special, m.punct], dim=-1).to(p.dtype)  # (batch, key_pos, 4)
     fixed = p @ key_sets[:, None]  # (batch, head, query_pos, 4)
     relative = torch.einsum("bhqk,qkc->bhqc", p, _per_query_weights(m, p.dtype))
-    fixed, relative = fixed.movedim(-1, -2), relative.movedim(-1, -2)  # (batch, head, 4, query_pos)
-    stats = torch.cat([entropy[:, :, None], (entropy / log_n)[:, :, None], fixed[:, :, :3], relative[:, :, 1:],
-                       fixed[:, :, 3:], relative[:, :, :1]], dim=2)  # (batch, head, 10, query_pos), STATS order
-    valid = m.token_valid[:, None, None, :]
-    means = torch.where(valid, stats, 0.0).sum(-1) / valid.sum(-1).clamp_min(1).to(p.dtype)  # (batch, head, 10)
+    # Means over the real queries as products with their weights (batch, query_pos): no pass over
+    # padded rows, whose values (finite, from the softmax) are multiplied by exact zeros.
+    weights = m.token_valid.to(p.dtype)
+    weights = weights / weights.sum(-1, keepdim=True).clamp_min(1.0)
+    entropies = torch.stack([entropy, entropy / log_n.expand_as(entropy)], dim=-1)  # (batch, head, query_pos, 2)
+    mean_of = lambda x: torch.einsum("bhqc,bq->bhc", x, weights)  # noqa: E731
+    e, f, r = mean_of(entropies), mean_of(fixed), mean_of(relative)
+    means = torch.cat([e, f[..., :3], r[..., 1:], f[..., 3:], r[..., :1]], dim=-1)  # (batch, head, 10), STATS order
     batch, heads = p.shape[:2]
     cols = {"batch_index": torch.arange(batch, device=p.device).repeat_interleave(heads),
             "head": torch.arange(heads, device=p.device).repeat(batch),

@@ -17,10 +17,10 @@ def rollout(att: LayerAttention, carry: torch.Tensor | None, *, k: int
     """
     m = att.masks
     mean = att.head_mean[:, 0]  # (batch, query_pos, key_pos)
-    eye = torch.diag_embed(m.token_valid.float())  # identity on real tokens only
-    mixed = 0.5 * mean + 0.5 * eye
-    mixed = mixed / mixed.sum(-1, keepdim=True).clamp_min(1e-12)
-    rolled = mixed if carry is None else mixed @ carry  # (batch, query_pos, key_pos)
+    mixed = mean.mul(0.5)  # 0.5*A + 0.5*I (identity on real tokens only), in place: one pass
+    mixed.diagonal(dim1=-2, dim2=-1).add_(m.token_valid.to(mixed.dtype), alpha=0.5)
+    mixed.div_(mixed.sum(-1, keepdim=True).clamp_min_(1e-12))
+    rolled = mixed if carry is None else torch.bmm(mixed, carry)  # (batch, query_pos, key_pos)
     scores = rolled.masked_fill(~m.pair_valid[:, 0], float("-inf"))[:, None]
     weight, key_pos = scores.topk(min(k, scores.shape[-1]), dim=-1)
     cols = edge_columns(weight != float("-inf"), key_pos, weight, per_head=False)
