@@ -7,8 +7,10 @@ statistics), and a file is closed and a new part begun once it passes `max_file_
 file is always readable). Peak memory is the batch plus `buffer_bytes`, whatever the size of
 the shard or of one document.
 
-Rows reach the writer in doc_id order (the step walks each shard sorted by doc_id), so each
-flush covers a narrow doc_id range and a filter on one document skips most row groups too.
+Rows reach the writer chunk by chunk in doc_id order (the step walks each shard sorted by
+doc_id); inside a flush they are sorted by head, then doc_id, and cut into row groups of at most
+16k rows, so each row group covers one head and a narrow doc_id range, and a filter on one
+document skips most of them too (measured by benchmarks/bench_storage.py).
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ class ShardWriter:
 
     def __init__(self, staging_root: Path, shard: int, attempt: str, provenance: dict, *,
                  weight_dtype: str = "bfloat16", buffer_bytes: int = 64 << 20,
-                 flush_rows: int = 1 << 17, row_group_rows: int = 1 << 16,
+                 flush_rows: int = 1 << 17, row_group_rows: int = 1 << 14,
                  max_file_bytes: int = 256 << 20):
         self.shard, self.attempt = shard, attempt
         self.staging = paths.staging_dir(Path(staging_root), shard, attempt)
