@@ -26,6 +26,7 @@ test: setup
 bench: setup
 	$(PY) benchmarks/bench_capture.py
 	$(PY) benchmarks/bench_storage.py
+	$(PY) benchmarks/bench_extract.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

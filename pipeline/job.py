@@ -70,8 +70,8 @@ class RunSpec(_Section):
     progress: bool = True
     # Storage precision of attention values (weights, maps, head statistics). bfloat16: float32
     # columns holding values rounded to 8 significant bits (relative error <= 0.2%), which
-    # byte-stream-split and zstd shrink to 212 bytes per token for the default recipes on the demo
-    # corpus; float16: 3 digits, 293 bytes per token, a float16 column; float32: as computed, 700.
+    # byte-stream-split and zstd shrink to 247 bytes per token for the default recipes on the demo
+    # corpus; float16: 3 digits, 361 bytes per token, a float16 column; float32: as computed, 719.
     weight_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     # Rows wait in memory before they are written; this caps them, whatever the shard's size.
     buffer_mb: int = Field(default=64, ge=1)
