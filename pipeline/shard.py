@@ -244,7 +244,6 @@ def run_shard(job: JobSpec, spec: ShardSpec, rt: Runtime, out: Location | Path |
 
 def _write_documents(writer: ShardWriter, rt: Runtime, docs: ShardDocs, progress: Progress | None) -> dict:
     """Every document of the shard, chunk by chunk, through the model and into the writer."""
-    job, tok = rt.job, rt.model.tokenizer
     counts = {"tokens": 0, "windows": 0, "empty": 0, "oom_halvings": 0}
     background = BackgroundWriter()
     try:
