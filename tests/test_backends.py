@@ -32,25 +32,31 @@ def rows(out, table):
     return frame.sort_values(keys).reset_index(drop=True)
 
 
-@pytest.mark.parametrize("arch", ["bert", "llama"])
-def test_sdpa_and_eager_runs_store_the_same_data(tmp_path, tiny_model_dir, arch):
+def run_backends(tmp_path, model, recipes: str, backends: tuple[str, ...]) -> dict:
+    """The same job (float32 storage) run once per attention backend: backend -> output."""
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     outs = {}
-    for backend in ("eager", "sdpa"):
+    for backend in backends:
         folder = tmp_path / backend
         folder.mkdir()
-        job = write_job(folder, corpus, tiny_model_dir(arch), recipes=RECIPES, device="cpu",
-                        attention=backend, weight_dtype="float32")
+        job = write_job(folder, corpus, model, recipes=recipes, device="cpu", attention=backend,
+                        weight_dtype="float32")
         outs[backend] = run_job(load_job(job), quiet=True).output
+    return outs
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_sdpa_and_eager_runs_store_the_same_data(tmp_path, tiny_model_dir, arch):
+    outs = run_backends(tmp_path, tiny_model_dir(arch), RECIPES, ("eager", "sdpa"))
     prov = {b: read_records(o)[0]["provenance"]["attention_backend"] for b, o in outs.items()}
     assert prov == {"eager": "attnpipe(eager)", "sdpa": "attnpipe(sdpa)"}
     assert_same_tables(outs["eager"], outs["sdpa"])
 
 
-def assert_same_tables(one, other) -> None:
+def assert_same_tables(one, other, tables=("head_stats", "edges", "rollout", "maps")) -> None:
     """Integer and string columns equal, attention values within 1e-5 (float32 storage)."""
-    for table in ("head_stats", "edges", "rollout", "maps"):
+    for table in tables:
         a, b = rows(one, table), rows(other, table)
         assert len(a) == len(b), table
         for col in a.columns:
@@ -116,21 +122,6 @@ def test_fused_backend_stores_what_the_torch_recipes_store(tmp_path, tiny_model_
     from pipeline import kernels
 
     monkeypatch.setattr(kernels, "available", lambda: False)  # the reference implementation
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
-    outs = {}
-    for backend in ("eager", "fused"):
-        folder = tmp_path / backend
-        folder.mkdir()
-        job = write_job(folder, corpus, tiny_model_dir(arch), recipes=FUSED_RECIPES, device="cpu",
-                        attention=backend, weight_dtype="float32")
-        outs[backend] = run_job(load_job(job), quiet=True).output
+    outs = run_backends(tmp_path, tiny_model_dir(arch), FUSED_RECIPES, ("eager", "fused"))
     assert read_records(outs["fused"])[0]["provenance"]["attention_backend"] == "attnpipe(fused:reference)"
-    for table in ("head_stats", "edges"):
-        a, b = rows(outs["eager"], table), rows(outs["fused"], table)
-        assert len(a) == len(b), table
-        for col in a.columns:
-            if a[col].dtype.kind == "f":
-                np.testing.assert_allclose(a[col], b[col], atol=1e-5, err_msg=f"{table}.{col}")
-            else:
-                assert (a[col].to_numpy() == b[col].to_numpy()).all(), f"{table}.{col}"
+    assert_same_tables(outs["eager"], outs["fused"], tables=("head_stats", "edges"))

@@ -19,8 +19,9 @@ from pathlib import Path, PurePosixPath
 from ..errors import OutputError
 
 
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def fsync_path(path: str | Path) -> None:
+    """fsync a file or a folder (a folder's entries: renames and new files in it)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -168,7 +169,7 @@ class Location:
             except OSError:
                 pass
             raise
-        _fsync_dir(os.path.dirname(target))
+        fsync_path(os.path.dirname(target))
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         """Create `rel` only if it does not exist; False when it does."""
@@ -203,7 +204,7 @@ class Location:
     def sync_dirs(self, rels: list[str]) -> None:
         if self.local:
             for folder in sorted({os.path.dirname(self.path(r)) for r in rels}):
-                _fsync_dir(folder)
+                fsync_path(folder)
 
     def rename(self, rel: str, new_rel: str) -> None:
         if self.local:

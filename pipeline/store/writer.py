@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import paths
+from .location import fsync_path
 from .schema import table_schema
 
 # Encodings chosen by measurement on the demo corpus (benchmarks/bench_storage.py): dictionary
@@ -70,14 +71,6 @@ def sha256_of(source) -> str:
     for chunk in iter(lambda: source.read(1 << 22), b""):
         digest.update(chunk)
     return digest.hexdigest()
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _TableWriter:
@@ -149,7 +142,7 @@ class _TableWriter:
         self.writer.close()
         self.writer = None
         target = self.owner.staging / self.rel
-        fsync_file(target)
+        fsync_path(target)
         self.files.append(FileInfo(str(self.rel), self.table, self.layer, self.recipe, self.rows_in_file,
                                    target.stat().st_size, sha256_of(target)))
         self.part += 1
