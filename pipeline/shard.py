@@ -6,8 +6,9 @@ files through the streaming writer, publishes them and writes the shard's comple
 and returns a typed `ShardResult`.
 
 Memory stays bounded whatever the shard: documents are walked in doc_id order in small chunks,
-each chunk tokenized on its own, its windows cut into units of a few batches, and rows streamed
-to the writer as each batch comes back from the model.
+each chunk tokenized on its own, its windows pooled with the short remainder of the chunk before
+and cut into length-sorted batches, and rows streamed to the writer as each batch comes back from
+the model.
 """
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ log = logging.getLogger("attnpipe")
 # progress(documents_finished, tokens_processed, characters_processed)
 Progress = Callable[[int, int, int], None]
 
-CHUNK_DOCS = 256  # documents tokenized together
+CHUNK_DOCS = 2048  # documents tokenized together
 CHUNK_CHARS = 1 << 18  # ... or fewer, when they are long
-UNIT_BATCHES = 4  # windows are reduced in units of about this many batches
+UNIT_BATCHES = 4  # the window pool is cut into batches once it holds this many batches' worth
 
 
 @dataclass
@@ -77,18 +78,34 @@ def doc_chunks(docs: ShardDocs) -> Iterator[slice]:
         start = stop
 
 
-def work_units(windows: list[Window], tokens: int) -> Iterator[list[Window]]:
-    """Runs of consecutive windows of at most `tokens` tokens (one window may exceed it)."""
-    unit: list[Window] = []
-    size = 0
-    for w in windows:
-        if unit and size + len(w) > tokens:
-            yield unit
-            unit, size = [], 0
-        unit.append(w)
-        size += len(w)
-    if unit:
-        yield unit
+class WindowPool:
+    """Windows waiting for the model, across chunk boundaries.
+
+    Each chunk's windows join the pool; once it holds a few batches' worth, it is cut into
+    length-sorted batches and all but the last go to the model. The last (the shortest windows,
+    often a partial batch) waits for the next chunk's windows, so that chunk boundaries do not
+    cost padded tokens or part-filled batches. Holds at most a chunk's windows plus one batch.
+    """
+
+    def __init__(self, batch_tokens: int):
+        self.batch_tokens = batch_tokens
+        self.waiting: list[tuple[int, Window]] = []  # (document index within the shard, window)
+        self.tokens = 0
+
+    def add(self, first_doc: int, windows: list[Window]) -> None:
+        self.waiting += [(first_doc + w.doc_index, w) for w in windows]
+        self.tokens += sum(len(w) for w in windows)
+
+    def batches(self, final: bool = False) -> list[list[tuple[int, Window]]]:
+        """The batches ready for the model (every one when `final`)."""
+        if not self.waiting or (not final and self.tokens < UNIT_BATCHES * self.batch_tokens):
+            return []
+        batches = [[self.waiting[i] for i in b]
+                   for b in make_batches([w for _, w in self.waiting], self.batch_tokens)]
+        self.waiting = [] if final else batches.pop()
+        self.tokens = sum(len(w) for _, w in self.waiting)
+        return batches
+
 
 
 def document_columns(docs: ShardDocs, part: slice, windows: list[Window], texts: list[str],
@@ -171,14 +188,15 @@ class BackgroundWriter:
         self._check()
 
 
-def _reduce(rt: Runtime, chosen: list[Window], stats: dict) -> list[tuple[list[Window], PendingBatch]]:
+def _reduce(rt: Runtime, chosen: list[tuple[int, Window]],
+            stats: dict) -> list[tuple[list[tuple[int, Window]], PendingBatch]]:
     """The batch through the model; when CUDA runs out of memory, halves of it, recursively."""
     try:
-        return [(chosen, reduce_batch_async(rt.model, chosen, rt.job.recipes))]
+        return [(chosen, reduce_batch_async(rt.model, [w for _, w in chosen], rt.job.recipes))]
     except torch.OutOfMemoryError:
         if len(chosen) == 1:
-            raise ModelError(f"one window of {len(chosen[0])} tokens does not fit in GPU memory with these recipes; "
-                             "lower model.max_length, or drop per-head dense or threshold recipes") from None
+            raise ModelError(f"one window of {len(chosen[0][1])} tokens does not fit in GPU memory with these "
+                             "recipes; lower model.max_length, or drop per-head dense or threshold recipes") from None
         stats["oom_halvings"] += 1
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -186,22 +204,22 @@ def _reduce(rt: Runtime, chosen: list[Window], stats: dict) -> list[tuple[list[W
         return _reduce(rt, chosen[:half], stats) + _reduce(rt, chosen[half:], stats)
 
 
-def _write_unit(writer: ShardWriter, background: BackgroundWriter, rt: Runtime, unit: list[Window],
-                doc_ids: list[str], stats: dict) -> None:
+def _write_batch(writer: ShardWriter, background: BackgroundWriter, rt: Runtime,
+                 batch: list[tuple[int, Window]], docs: ShardDocs, stats: dict) -> None:
+    """One batch through the model; its rows go to the writer thread."""
     job = rt.job
-    for batch in make_batches(unit, job.run.batch_tokens):
-        for chosen, pending in _reduce(rt, [unit[i] for i in batch], stats):
-            ids = pa.array([doc_ids[w.doc_index] for w in chosen], pa.string())
-            window_ids = np.array([w.window for w in chosen], dtype=np.int32)
+    for chosen, pending in _reduce(rt, batch, stats):
+        ids = pa.array([docs.doc_ids[doc] for doc, _ in chosen], pa.string())
+        window_ids = np.array([w.window for _, w in chosen], dtype=np.int32)
 
-            def write(pending=pending, ids=ids, window_ids=window_ids) -> None:
-                for output in pending.outputs():
-                    spec = job.recipes[output.recipe]
-                    writer.write_batch(RECIPES[spec["name"]].table, output_columns(output, spec, ids, window_ids),
-                                       layer=output.layer, recipe=output.recipe)
+        def write(pending=pending, ids=ids, window_ids=window_ids) -> None:
+            for output in pending.outputs():
+                spec = job.recipes[output.recipe]
+                writer.write_batch(RECIPES[spec["name"]].table, output_columns(output, spec, ids, window_ids),
+                                   layer=output.layer, recipe=output.recipe)
 
-            background.put(write)
-        faults.point("batch")
+        background.put(write)
+    faults.point("batch")
 
 
 def run_shard(job: JobSpec, spec: ShardSpec, rt: Runtime, out: Location | Path | str,
@@ -245,40 +263,51 @@ def run_shard(job: JobSpec, spec: ShardSpec, rt: Runtime, out: Location | Path |
 def _write_documents(writer: ShardWriter, rt: Runtime, docs: ShardDocs, progress: Progress | None) -> dict:
     """Every document of the shard, chunk by chunk, through the model and into the writer."""
     counts = {"tokens": 0, "windows": 0, "empty": 0, "oom_halvings": 0}
+    pool = WindowPool(rt.job.run.batch_tokens)
+    remaining = np.zeros(len(docs.rows), dtype=np.int64)  # windows of each document not yet reduced
+    share = np.zeros(len(docs.rows))  # characters per window, for the ETA
     background = BackgroundWriter()
+
+    def reduce_ready(final: bool = False) -> None:
+        for batch in pool.batches(final):
+            _write_batch(writer, background, rt, batch, docs, counts)
+            done = np.bincount([doc for doc, _ in batch], minlength=len(remaining))
+            remaining[:] -= done
+            if progress:
+                progress(int(((done > 0) & (remaining == 0)).sum()), sum(len(w) for _, w in batch),
+                         int((share * done).sum()))
+
     try:
         for part in doc_chunks(docs):
-            _write_chunk(writer, background, rt, docs, part, progress, counts)
+            windows = _tokenize_chunk(writer, background, rt, docs, part, counts)
+            per_doc = np.bincount([w.doc_index for w in windows], minlength=part.stop - part.start)
+            remaining[part] = per_doc
+            share[part] = docs.chars[part] / np.maximum(per_doc, 1)
+            counts["empty"] += int((per_doc == 0).sum())
+            if progress:
+                progress(int((per_doc == 0).sum()), 0, int(docs.chars[part][per_doc == 0].sum()))
+            pool.add(part.start, windows)
+            reduce_ready()
+        reduce_ready(final=True)
     finally:
         background.close()
     return counts
 
 
-def _write_chunk(writer: ShardWriter, background: BackgroundWriter, rt: Runtime, docs: ShardDocs, part: slice,
-                 progress: Progress | None, counts: dict) -> None:
+def _tokenize_chunk(writer: ShardWriter, background: BackgroundWriter, rt: Runtime, docs: ShardDocs,
+                    part: slice, counts: dict) -> list[Window]:
+    """A chunk's windows; its documents and tokens rows go to the writer thread."""
     job, tok = rt.job, rt.model.tokenizer
     rows = docs.rows[part]
     texts = rt.corpus.texts(rows)
     windows = tokenize(tok, texts, rt.window_length, job.model.stride)
     doc_cols = {**document_columns(docs, part, windows, texts, job.model.stride), **rt.corpus.metadata(rows)}
     background.put(lambda: writer.write_batch("documents", doc_cols, extra=rt.corpus.metadata_schema()))
-    doc_ids = docs.doc_ids[part]
-    token_cols = token_columns(doc_ids, windows, tok)
+    token_cols = token_columns(docs.doc_ids[part], windows, tok)
     background.put(lambda: writer.write_batch("tokens", token_cols))
-    remaining = np.bincount([w.doc_index for w in windows], minlength=len(texts))
-    share = docs.chars[part] / np.maximum(remaining, 1)  # characters per window, for the ETA
-    counts["empty"] += int((remaining == 0).sum())
-    if progress:
-        progress(int((remaining == 0).sum()), 0, int(docs.chars[part][remaining == 0].sum()))
-    for unit in work_units(windows, UNIT_BATCHES * job.run.batch_tokens):
-        _write_unit(writer, background, rt, unit, doc_ids, counts)
-        done = np.bincount([w.doc_index for w in unit], minlength=len(texts))
-        remaining -= done
-        if progress:
-            progress(int(((done > 0) & (remaining == 0)).sum()), sum(len(w) for w in unit),
-                     int((share * done).sum()))
     counts["tokens"] += sum(len(w) for w in windows)
     counts["windows"] += len(windows)
+    return windows
 
 
 def record_info(rt: Runtime, r: ShardResult) -> dict:
