@@ -163,7 +163,7 @@ def run_gpu(shapes: dict, device_name: str, repeats: int, dtype_name: str) -> li
     import torch
 
     from pipeline.model import LoadedModel
-    from pipeline.recipes import LayerAttention, validate_recipe
+    from pipeline.recipes import RECIPES, LayerAttention, recipe_params, validate_recipe
     from pipeline.reduce import apply_recipes, batch_masks, reduce_batch
     from pipeline.store.writer import ShardWriter
     from pipeline.windows import collate
@@ -210,13 +210,13 @@ def run_gpu(shapes: dict, device_name: str, repeats: int, dtype_name: str) -> li
                 with tempfile.TemporaryDirectory() as tmp, ShardWriter(Path(tmp), 0, "bench0000", {}) as w:
                     from pipeline.shard import output_columns
                     import numpy as np
-                    import pyarrow as pa
-                    doc_ids = pa.array([f"d{i}" for i in range(len(windows))])
+                    w.doc_ids = [f"d{i:06d}" for i in range(len(windows))]
+                    w.recipes = {i: (r["name"], recipe_params(r)) for i, r in enumerate(specs)}
+                    doc_index = np.arange(len(windows), dtype=np.int32)
                     wids = np.zeros(len(windows), dtype=np.int32)
                     for o in reduce_batch(lm, windows, specs):
-                        w.write_batch({"head_stats": "head_stats", "topk": "edges", "rollout": "rollout"}[
-                            specs[o.recipe]["name"]], output_columns(o, specs[o.recipe], doc_ids, wids),
-                            layer=o.layer, recipe=o.recipe)
+                        w.write_batch(RECIPES[specs[o.recipe]["name"]].table, output_columns(o, doc_index, wids),
+                                      layer=o.layer, recipe=o.recipe)
                     w.finalize()
             return go
 

@@ -109,16 +109,17 @@ class LoadedModel:
     dtype: str = "float32"
     provenance: dict = field(default_factory=dict)
     # How each layer's output is computed: "eager" (the model's eager attention; its
-    # probabilities are reused by the recipes, the cheapest way on a CPU) or "sdpa" (torch's
-    # fused attention, probabilities recomputed from q and k only when a recipe needs them).
-    # "auto": sdpa on CUDA, eager elsewhere.
+    # probabilities are reused by the recipes) or "sdpa" (torch's fused attention, probabilities
+    # recomputed from q and k only when a recipe needs them; on a CPU a few windows at a time,
+    # so they stay in cache), or "fused" (SDPA, and Triton kernels reduce q and k).
+    # "auto": fused on CUDA with triton, sdpa elsewhere.
     backend: str = "auto"
 
     def __post_init__(self):
         from . import kernels
 
         if self.backend == "auto":
-            self.backend = ("fused" if kernels.available() else "sdpa") if self.device.type == "cuda" else "eager"
+            self.backend = "fused" if self.device.type == "cuda" and kernels.available() else "sdpa"
         # "fused": SDPA for the layer output, the Triton kernels (or, without them, their torch
         # reference) for the statistics, from q and k.
         self.kernels = None

@@ -67,6 +67,27 @@ class PendingBatch:
         return [Output(i, layer, {k: v.numpy() for k, v in cols.items()}) for i, layer, cols in self.parts]
 
 
+CPU_SLICE_BYTES = 8 << 20  # of one layer's float32 probabilities: a few windows (measured best of 1-32 MiB)
+
+
+def window_slices(lm: LoadedModel, windows: int, size: int) -> list[tuple[int, int]]:
+    """Ranges of the batch's windows that the recipes take one at a time. On a CPU each holds
+    about CPU_SLICE_BYTES of probabilities, so the recipes' passes over them hit the cache and
+    the sdpa backend never forms the whole batch's map; elsewhere, the whole batch."""
+    if lm.device.type != "cpu":
+        return [(0, windows)]
+    step = max(1, CPU_SLICE_BYTES // (lm.num_heads * size * size * 4))
+    return [(lo, min(lo + step, windows)) for lo in range(0, windows, step)]
+
+
+def _merge(parts: list[tuple[int, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """One recipe's columns from several slices (first window `lo`), batch_index made whole."""
+    if len(parts) == 1 and parts[0][0] == 0:
+        return parts[0][1]
+    return {k: torch.cat([cols[k] + lo if k == "batch_index" else cols[k] for lo, cols in parts])
+            for k in parts[0][1]}
+
+
 def _to_host(t: torch.Tensor) -> torch.Tensor:
     if t.device.type != "cuda":
         return t
@@ -79,16 +100,26 @@ def reduce_batch_async(lm: LoadedModel, windows: list[Window], recipes: list[dic
     ids, attention_mask = (t.to(lm.device) for t in collate(windows, lm.pad_id))
     masks = batch_masks(lm, windows, ids)
     pending: list[tuple[int, int, dict[str, torch.Tensor]]] = []
-    carry: dict[int, torch.Tensor] = {}
+    slices = window_slices(lm, len(windows), ids.shape[1])
+    slice_masks = [masks] if len(slices) == 1 else [masks.rows(lo, hi) for lo, hi in slices]
+    carries: list[dict[int, torch.Tensor]] = [{} for _ in slices]  # stateful recipes' state, per slice
 
     def sink(inputs: LayerInputs) -> None:
         if inputs.site.kind != "self":
             return
         layer = inputs.site.layer
-        att = LayerAttention(None, layer, masks, inputs) if lm.kernels is None else \
-            FusedAttention(layer, masks, inputs, lm.kernels)
-        for i, cols in apply_recipes(att, recipes, carry):
-            pending.append((i, layer, {k: _to_host(v) for k, v in cols.items()}))
+        if lm.kernels is not None:
+            att = FusedAttention(layer, masks, inputs, lm.kernels)
+            for i, cols in apply_recipes(att, recipes, carries[0]):
+                pending.append((i, layer, {k: _to_host(v) for k, v in cols.items()}))
+            return
+        parts: dict[int, list[tuple[int, dict[str, torch.Tensor]]]] = {}
+        for (lo, hi), part_masks, carry in zip(slices, slice_masks, carries):
+            att = LayerAttention(None, layer, part_masks, inputs, rows=None if len(slices) == 1 else (lo, hi))
+            for i, cols in apply_recipes(att, recipes, carry):
+                parts.setdefault(i, []).append((lo, cols))
+        for i, cols in parts.items():
+            pending.append((i, layer, {k: _to_host(v) for k, v in _merge(cols).items()}))
 
     with capture_layers(sink, backend=lm.capture_backend, model=lm.model, causal=lm.causal):
         lm.forward(ids, attention_mask)

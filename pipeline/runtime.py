@@ -44,6 +44,10 @@ class Runtime:
     def build(cls, job: JobSpec, corpus: Corpus | None = None, model: "LoadedModel | None" = None) -> "Runtime":
         corpus = corpus or open_job_corpus(job)
         model = model or load_job_model(job)
+        if model.device.type == "cpu":
+            from .hostmem import keep_freed_memory
+
+            keep_freed_memory()
         window = model.check_window(job.model.max_length, job.model.stride)
         provenance = {**model.provenance, "job": job.name, "job_fingerprint": job.fingerprint(),
                       "window_length": window, "stride": job.model.stride,

@@ -138,20 +138,15 @@ def token_columns(doc_ids: list[str], windows: list[Window], tokenizer) -> dict:
     return cols
 
 
-def output_columns(out: Output, spec: dict, doc_ids: pa.Array, window_ids: np.ndarray) -> dict:
-    """Recipe columns -> table columns: batch_index becomes doc_id and window_index."""
+def output_columns(out: Output, doc_index: np.ndarray, window_ids: np.ndarray) -> dict:
+    """Recipe columns -> table columns: batch_index becomes doc_index (the writer turns it into
+    doc_id) and window_index; the writer adds the recipe's name and parameters."""
     cols = dict(out.columns)
     index = cols.pop("batch_index")
     if "weights.values" in cols:  # dense: flat values + row lengths -> list column
         offsets = np.concatenate([[0], np.cumsum(cols.pop("weights.lengths"))]).astype(np.int32)
         cols["weights"] = pa.ListArray.from_arrays(offsets, cols.pop("weights.values"))
-    rows = len(index)
-    return {"doc_id": doc_ids.take(pa.array(index)), "window_index": window_ids[index], **cols,
-            "recipe": _repeat(spec["name"], rows), "recipe_params": _repeat(recipe_params(spec), rows)}
-
-
-def _repeat(value: str, rows: int) -> pa.Array:
-    return pa.DictionaryArray.from_arrays(np.zeros(rows, dtype=np.int32), pa.array([value])).cast(pa.string())
+    return {"doc_index": doc_index[index], "window_index": window_ids[index], **cols}
 
 
 class BackgroundWriter:
@@ -209,13 +204,13 @@ def _write_batch(writer: ShardWriter, background: BackgroundWriter, rt: Runtime,
     """One batch through the model; its rows go to the writer thread."""
     job = rt.job
     for chosen, pending in _reduce(rt, batch, stats):
-        ids = pa.array([docs.doc_ids[doc] for doc, _ in chosen], pa.string())
+        doc_index = np.array([doc for doc, _ in chosen], dtype=np.int32)
         window_ids = np.array([w.window for _, w in chosen], dtype=np.int32)
 
-        def write(pending=pending, ids=ids, window_ids=window_ids) -> None:
+        def write(pending=pending, doc_index=doc_index, window_ids=window_ids) -> None:
             for output in pending.outputs():
-                spec = job.recipes[output.recipe]
-                writer.write_batch(RECIPES[spec["name"]].table, output_columns(output, spec, ids, window_ids),
+                table = RECIPES[job.recipes[output.recipe]["name"]].table
+                writer.write_batch(table, output_columns(output, doc_index, window_ids),
                                    layer=output.layer, recipe=output.recipe)
 
         background.put(write)
@@ -235,6 +230,7 @@ def run_shard(job: JobSpec, spec: ShardSpec, rt: Runtime, out: Location | Path |
         with ShardWriter(staging_root, spec.index, attempt, rt.provenance, weight_dtype=job.run.weight_dtype,
                          buffer_bytes=job.run.buffer_mb << 20) as writer:
             writer.recipes = {i: (r["name"], recipe_params(r)) for i, r in enumerate(job.recipes)}
+            writer.doc_ids = docs.doc_ids
             counts = _write_documents(writer, rt, docs, progress)
             if counts["oom_halvings"]:
                 log.warning("shard %d: CUDA ran out of memory %d times; those batches were halved and retried "

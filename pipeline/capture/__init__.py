@@ -58,12 +58,22 @@ class LayerInputs:
         computed at most once per layer."""
         if self.given is not None:
             return self.given
-        key = self.key.repeat_interleave(self.n_rep, dim=1) if self.n_rep > 1 else self.key
-        scores = torch.matmul(self.query.float(), key.float().transpose(-1, -2)) * self.scaling
+        return self.probs_rows(0, self.query.shape[0])
+
+    def probs_rows(self, lo: int, hi: int) -> torch.Tensor:
+        """The probabilities of windows lo..hi only: a view when the backend computed them, else
+        computed from those windows' q and k (a few windows at a time stay in cache on a CPU)."""
+        if self.given is not None:
+            return self.given[lo:hi]
+        rows = lambda t: t if t.shape[0] == 1 else t[lo:hi]  # noqa: E731 (broadcast masks stay whole)
+        key = self.key[lo:hi]
+        if self.n_rep > 1:
+            key = key.repeat_interleave(self.n_rep, dim=1)
+        scores = torch.matmul(self.query[lo:hi].float(), key.float().transpose(-1, -2)).mul_(self.scaling)
         if self.position_bias is not None:
-            scores = scores + self.position_bias.float()
+            scores += rows(self.position_bias).float()
         if self.mask is not None:
-            scores = scores + self.mask.float()
+            scores += rows(self.mask).float()
         return torch.softmax(scores, dim=-1)
 
 

@@ -25,6 +25,11 @@ class BatchMasks:
     punct: torch.Tensor  # (batch, pos) bool: tokens made only of punctuation
     causal: bool
 
+    def rows(self, lo: int, hi: int) -> "BatchMasks":
+        """The masks of windows lo..hi."""
+        return BatchMasks(self.lengths[lo:hi], self.special[lo:hi], self.sep[lo:hi], self.punct[lo:hi],
+                          self.causal)
+
     @property
     def size(self) -> int:
         return self.special.shape[1]
@@ -50,15 +55,19 @@ class LayerAttention:
     """One layer's attention for a batch, handed to every recipe, then dropped.
 
     Built from the probabilities, or from the layer's inputs (`pipeline.capture.LayerInputs`:
-    q, k, mask, scaling), in which case the probabilities are computed on first use only.
+    q, k, mask, scaling), in which case the probabilities are computed on first use only. With
+    `rows` (lo, hi) it covers only those windows of the inputs' batch, and `masks` are theirs.
     """
 
-    def __init__(self, probs: torch.Tensor | None, layer: int, masks: BatchMasks, inputs=None):
-        self._probs, self.layer, self.masks, self.inputs = probs, layer, masks, inputs
+    def __init__(self, probs: torch.Tensor | None, layer: int, masks: BatchMasks, inputs=None,
+                 rows: tuple[int, int] | None = None):
+        self._probs, self.layer, self.masks, self.inputs, self.rows = probs, layer, masks, inputs, rows
 
     @cached_property
     def probs(self) -> torch.Tensor:  # (batch, head, query_pos, key_pos), as the model computed it
-        return self._probs if self._probs is not None else self.inputs.probs
+        if self._probs is not None:
+            return self._probs
+        return self.inputs.probs if self.rows is None else self.inputs.probs_rows(*self.rows)
 
     @cached_property
     def clean(self) -> torch.Tensor:

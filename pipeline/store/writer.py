@@ -7,6 +7,12 @@ statistics), and a file is closed and a new part begun once it passes `max_file_
 file is always readable). Peak memory is the batch plus `buffer_bytes`, whatever the size of
 the shard or of one document.
 
+Two things keep the sort cheap. A producer may hand `doc_index` (int32, positions in the shard's
+sorted `doc_ids`) in place of the `doc_id` strings: rows are sorted on the integers and the
+strings are made once, after the sort. Columns that are the same on every row of a file
+(`recipe`, `recipe_params`) are never buffered: they are added at write time from one cached
+array, as zero-copy slices.
+
 Rows reach the writer chunk by chunk in doc_id order (the step walks each shard sorted by
 doc_id); inside a flush they are sorted by head, then doc_id, and cut into row groups of at most
 16k rows, so each row group covers one head and a narrow doc_id range, and a filter on one
@@ -20,6 +26,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, asdict
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +94,30 @@ class _TableWriter:
         self.rows_in_file = 0
         self.files: list[FileInfo] = []
 
+    @cached_property
+    def schema(self) -> pa.Schema:  # the file's schema, without its metadata
+        return self.owner.schema(self.table, self.recipe).remove_metadata()
+
+    @cached_property
+    def constants(self) -> dict[str, str]:
+        """Columns with one value in the whole file: the recipe's name and parameters."""
+        if self.recipe not in self.owner.recipes:
+            return {}
+        return {c: v for c, v in zip(("recipe", "recipe_params"), self.owner.recipes[self.recipe])
+                if c in self.schema.names}
+
+    def buffer_schema(self, names) -> pa.Schema:
+        """The buffered rows' schema: the columns the producer gives, `doc_index` as int32."""
+        fields = []
+        for name in names:
+            if name == "doc_index":
+                fields.append(pa.field("doc_index", pa.int32(), nullable=False))
+            elif name in self.constants:
+                raise ValueError(f"{self.table}: column {name} is filled by the writer")
+            else:
+                fields.append(self.schema.field(name))
+        return pa.schema(fields)
+
     def add(self, data: pa.Table) -> None:
         self.buffer.append(data)
         self.buffered_rows += data.num_rows
@@ -97,14 +128,29 @@ class _TableWriter:
             return
         data = pa.concat_tables(self.buffer)
         self.buffer, self.buffered_rows, self.buffered_bytes = [], 0, 0
-        keys = [c for c in self.declared.row_group_by + self.declared.sort_by if c in data.column_names]
-        data = data.take(pc.sort_indices(data, sort_keys=[(k, "ascending") for k in keys]))
+        by_index = "doc_index" in data.column_names
+        keys = ["doc_index" if by_index and c == "doc_id" else c
+                for c in self.declared.row_group_by + self.declared.sort_by]
+        keys = [c for c in keys if c in data.column_names]
+        data = self._complete(data.take(pc.sort_indices(data, sort_keys=[(k, "ascending") for k in keys])))
         writer = self._open()
         for piece in self._row_groups(data):
             writer.write_table(piece, row_group_size=self.owner.row_group_rows)
         self.rows_in_file += data.num_rows
         if self.owner.staging.joinpath(self.rel).stat().st_size >= self.owner.max_file_bytes:
             self.close()
+
+    def _complete(self, data: pa.Table) -> pa.Table:
+        """Sorted buffered rows -> the file's columns: doc_id from doc_index, the constants."""
+        columns = []
+        for name in self.schema.names:
+            if name in self.constants:
+                columns.append(_repeated(self.constants[name], data.num_rows))
+            elif name == "doc_id" and "doc_index" in data.column_names:
+                columns.append(self.owner.doc_ids.take(data.column("doc_index")))
+            else:
+                columns.append(data.column(name))
+        return pa.Table.from_arrays(columns, schema=self.schema)
 
     def _row_groups(self, data: pa.Table):
         """Slices of sorted `data`, one per value of the row_group_by columns."""
@@ -165,7 +211,8 @@ class ShardWriter:
         self.row_group_rows, self.max_file_bytes = row_group_rows, max_file_bytes
         self.writers: dict[tuple, _TableWriter] = {}
         self.extra: dict[str, pa.Schema] = {}
-        self.recipes: dict[int, tuple[str, str]] = {}  # recipe index -> (name, params) for metadata
+        self.recipes: dict[int, tuple[str, str]] = {}  # recipe index -> (name, params): metadata, columns
+        self._doc_ids: pa.Array | None = None
         self.files: list[FileInfo] = []
 
     def __enter__(self) -> "ShardWriter":
@@ -196,9 +243,25 @@ class ShardWriter:
             meta["attnpipe.recipe"], meta["attnpipe.recipe_params"] = self.recipes[recipe]
         return schema.with_metadata(meta)
 
+    @property
+    def doc_ids(self) -> pa.Array:
+        """The shard's doc_ids, sorted: what a `doc_index` column points into."""
+        if self._doc_ids is None:
+            raise ValueError("rows with doc_index need the shard's doc_ids (ShardWriter.doc_ids = ...)")
+        return self._doc_ids
+
+    @doc_ids.setter
+    def doc_ids(self, ids) -> None:
+        ids = pa.array(ids, pa.string())
+        if len(ids) > 1 and not pc.all(pc.less(ids[:-1], ids[1:])).as_py():
+            raise ValueError("ShardWriter.doc_ids must be unique and sorted")
+        self._doc_ids = ids
+
     def write_batch(self, table: str, columns: dict, layer: int | None = None,
                     recipe: int | None = None, extra: pa.Schema | None = None) -> None:
-        """Add rows of `table`; `extra` declares passthrough columns beyond its schema."""
+        """Add rows of `table`; `extra` declares passthrough columns beyond its schema. A recipe
+        table's `recipe` and `recipe_params` columns come from `recipes`; `doc_index` may stand
+        for `doc_id` (see the module's docstring)."""
         if extra is not None:
             self.extra[table] = extra
         if layer is not None:
@@ -206,12 +269,11 @@ class ShardWriter:
         if self.weight_dtype == "bfloat16":
             columns = {k: _round_values(v) if k in table_schema(table).value_columns else v
                        for k, v in columns.items()}
-        data = pa.Table.from_pydict(columns, schema=self.schema(table).remove_metadata())
         key = (table, layer, recipe)
         if key not in self.writers:
             self.writers[key] = _TableWriter(self, table, layer, recipe)
         writer = self.writers[key]
-        writer.add(data)
+        writer.add(pa.Table.from_pydict(columns, schema=writer.buffer_schema(columns)))
         if writer.buffered_rows >= self.flush_rows:
             writer.flush()
         self._bound_memory()
@@ -232,6 +294,19 @@ class ShardWriter:
             w.close()
         self.files = sorted((f for w in self.writers.values() for f in w.files), key=lambda f: f.path)
         return self.files
+
+
+_REPEATS: dict[str, pa.Array] = {}
+_REPEAT_ROWS = 1 << 14
+
+
+def _repeated(value: str, rows: int) -> pa.ChunkedArray:
+    """`value` on `rows` rows, as zero-copy slices of one cached array."""
+    if value not in _REPEATS:
+        _REPEATS[value] = pa.array([value] * _REPEAT_ROWS, pa.string())
+    block = _REPEATS[value]
+    chunks = [block] * (rows // _REPEAT_ROWS) + ([block.slice(0, rows % _REPEAT_ROWS)] if rows % _REPEAT_ROWS else [])
+    return pa.chunked_array(chunks or [block.slice(0, 0)], pa.string())
 
 
 def _round_values(column):
