@@ -87,6 +87,9 @@ def wall(cmd: list[str], env=None) -> tuple[float, str]:
 
 
 def run_cpu(repeats: int) -> dict:
+    """Whole processes, interleaved, `repeats` times each. Besides the two the target compares,
+    two for context: the plain script with attnpipe's malloc setting (pipeline.hostmem), and
+    attnpipe without it, so the table says how much of the ratio that setting is."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         corpus = cpu_corpus(tmp)
@@ -94,23 +97,39 @@ def run_cpu(repeats: int) -> dict:
         job.write_text(f'name = "bench"\n[corpus]\npath = "{corpus}"\nid_column = "id"\n[model]\nmax_length = 128\n'
                        f'stride = 32\n[run]\ndevice = "cpu"\nnum_shards = 1\nprogress = false\n')
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-        plain_s, attn_s = [], []
+        env.pop("ATTNPIPE_KEEP_FREED_MEMORY", None)
+        keep = "from pipeline.hostmem import keep_freed_memory\nkeep_freed_memory()\n"
+        variants = {  # name -> (command, environment)
+            "plain": (lambda r: [sys.executable, "-c", PLAIN, str(corpus)], env),
+            "attnpipe": (lambda r: [sys.executable, "-m", "pipeline.cli", "run", str(job), "-q", "-o",
+                                    str(tmp / f"out{r}")], env),
+            "plain_keep_freed": (lambda r: [sys.executable, "-c", keep + PLAIN, str(corpus)], env),
+            "attnpipe_system_malloc": (lambda r: [sys.executable, "-m", "pipeline.cli", "run", str(job), "-q",
+                                                  "-o", str(tmp / f"sys{r}")],
+                                       {**env, "ATTNPIPE_KEEP_FREED_MEMORY": "0"}),
+        }
+        seconds: dict[str, list[float]] = {name: [] for name in variants}
         tokens = None
         for r in range(repeats):
-            seconds, out = wall([sys.executable, "-c", PLAIN, str(corpus)], env)
-            plain_s.append(seconds)
-            tokens = int(out.strip().splitlines()[-1])
-            seconds, _ = wall([sys.executable, "-m", "pipeline.cli", "run", str(job), "-q", "-o", str(tmp / f"out{r}")], env)
-            attn_s.append(seconds)
-        plain, attn = statistics.median(plain_s), statistics.median(attn_s)
-        return {"machine": machine("cpu"), "tokens": tokens, "plain_s": plain_s, "attnpipe_s": attn_s,
-                "plain_median_s": plain, "attnpipe_median_s": attn, "speed_ratio": plain / attn}
+            for name, (command, environment) in variants.items():
+                took, out = wall(command(r), environment)
+                seconds[name].append(took)
+                if name == "plain":
+                    tokens = int(out.strip().splitlines()[-1])
+        median = {name: statistics.median(s) for name, s in seconds.items()}
+        return {"machine": machine("cpu"), "tokens": tokens, "seconds": seconds, "median_s": median,
+                "speed_ratio": median["plain"] / median["attnpipe"]}
 
 
 def print_cpu(r: dict) -> None:
-    print(f"CPU, whole process ({r['machine']}), {r['tokens']:,} tokens, MiniLM float32, default recipes")
-    print(f"  plain eager script  {r['plain_median_s']:7.1f} s   {r['tokens'] / r['plain_median_s']:8,.0f} tok/s")
-    print(f"  attnpipe run        {r['attnpipe_median_s']:7.1f} s   {r['tokens'] / r['attnpipe_median_s']:8,.0f} tok/s")
+    m, n = r["median_s"], r["tokens"]
+    print(f"CPU, whole process ({r['machine']}), {n:,} tokens, MiniLM float32, default recipes, "
+          f"median of {len(r['seconds']['plain'])}")
+    rows = [("plain eager script", "plain"), ("attnpipe run", "attnpipe"),
+            ("  for context: plain script, malloc keeping freed blocks", "plain_keep_freed"),
+            ("  for context: attnpipe, system malloc", "attnpipe_system_malloc")]
+    for label, key in rows:
+        print(f"  {label:58s} {m[key]:6.1f} s  {n / m[key]:8,.0f} tok/s  ({m['plain'] / m[key]:.2f}x plain)")
     print(f"  attnpipe speed / plain script speed: {r['speed_ratio']:.2f}x (target >= 0.8x)")
 
 
