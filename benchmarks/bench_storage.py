@@ -266,10 +266,7 @@ def synthetic_edges(rng: np.random.Generator, tokens: int, window: int, heads: i
     weight = np.sort(rng.dirichlet(np.ones(window) * 0.3, size=n // k)[:, :k], axis=1)[:, ::-1].ravel()
     doc_ids = pa.array([f"doc-{first_doc + w:08d}" for w in range(windows)])
     cols = {"doc_id": doc_ids.take(pa.array(win)), "window_index": np.zeros(n, np.int32), "head": head,
-            "query_pos": query, "key_pos": key, "weight": weight.astype(np.float32),
-            "recipe": pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), pa.array(["topk"])).cast(pa.string()),
-            "recipe_params": pa.DictionaryArray.from_arrays(
-                np.zeros(n, np.int32), pa.array(['{"k":8,"per_head":true}'])).cast(pa.string())}
+            "query_pos": query, "key_pos": key, "weight": weight.astype(np.float32)}  # the writer adds recipe*
     return cols, windows
 
 

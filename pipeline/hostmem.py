@@ -1,11 +1,14 @@
 """Host memory for CPU workers: keep freed blocks for reuse instead of handing them back.
 
-glibc's malloc serves every block over 32 MiB (on a CPU batch: each layer's activations, the
-feed-forward intermediate, eager attention maps) with a fresh mmap and unmaps it on free, so each
-layer of each batch faults in and zeroes its memory again: on the bench corpus, 1.5M page faults
-and a fifth of the run's time in the kernel. With mmap off and a high trim threshold, freed
-blocks stay in the heap and the next batch reuses them (`make bench`, benchmarks/bench_extract.py
---cpu, prints the figures). The cost: the process's resident memory stays near its peak.
+glibc's malloc serves large blocks (from 128 KiB, rising with what gets freed) with a fresh mmap
+and unmaps them on free, so each layer of each batch faults in and zeroes its activations again:
+on the bench corpus, 1.5M page faults and a fifth of the run's time in the kernel. Here blocks up
+to 32 MiB (glibc's ceiling for this setting) come from the heap, and up to 1 GiB of freed heap is
+kept, so the next batch reuses it. Larger blocks are still mapped fresh: taking them from the heap
+too (mmap off altogether) saves another ~6% of the run but fragments the heap, and resident
+memory then grows with the length of the shard (1.0 -> 1.5 GiB over 110k tokens), which breaks
+the storage engine's bounded-memory promise. `make bench` (benchmarks/bench_extract.py --cpu
+and bench_storage.py) prints the figures.
 
 Called once by a worker that runs the model on the CPU. ATTNPIPE_KEEP_FREED_MEMORY=0 turns it
 off; it does nothing where the C library is not glibc.
@@ -21,7 +24,8 @@ import platform
 log = logging.getLogger("attnpipe")
 
 _M_TRIM_THRESHOLD = -1  # from glibc's malloc.h
-_M_MMAP_MAX = -4
+_M_MMAP_THRESHOLD = -3
+_MMAP_BYTES = 32 << 20  # the largest glibc accepts on 64-bit
 _TRIM_BYTES = 1 << 30
 _done = False
 
@@ -35,7 +39,8 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        _done = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_BYTES))
+        _done = bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_BYTES)) and \
+            bool(libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_BYTES))
     except (OSError, AttributeError):  # not the glibc we know: leave malloc as it is
         return False
     if not _done:

@@ -65,7 +65,7 @@ class RunSpec(_Section):
     # How each layer is computed (see pipeline/capture): eager (the model's own attention; its
     # probabilities feed the recipes), sdpa (torch's fused attention; probabilities recomputed
     # once per layer when needed), fused (sdpa + Triton kernels on q and k, P never stored).
-    # auto = fused on CUDA with triton, sdpa on CUDA without, eager on the CPU.
+    # auto = fused on CUDA with triton, sdpa elsewhere (on a CPU, probabilities a few windows at a time).
     attention: Literal["auto", "eager", "sdpa", "fused"] = "auto"
     progress: bool = True
     # Storage precision of attention values (weights, maps, head statistics). bfloat16: float32

@@ -7,10 +7,12 @@ inputs, the site key, the grouping of query heads onto key/value heads) and retu
 output, computed by one of two backends:
 
 - "eager": the model's own eager attention. Its probabilities are kept on the LayerInputs, so
-  recipes that need them get them for free; on the CPU this is the cheapest way to have both.
-- "sdpa": torch's scaled_dot_product_attention (flash or memory-efficient kernels on CUDA).
-  Probabilities are then computed only if a recipe asks for them, once per layer, from q and k
-  (`LayerInputs.probs`), or not at all when the fused Triton kernels reduce q and k directly.
+  recipes that need them get them without a second computation.
+- "sdpa": torch's scaled_dot_product_attention (flash or memory-efficient kernels, on CUDA and
+  on the CPU). Probabilities are then computed only if a recipe asks for them, once per layer,
+  from q and k (`LayerInputs.probs`), or for a few windows at a time (`probs_rows`, what the CPU
+  path uses so that they stay in cache), or not at all when the fused Triton kernels reduce q
+  and k directly.
 
 No weights are returned to the model, so no layer's map outlives its own layer.
 """
