@@ -210,7 +210,7 @@ def run_gpu(shapes: dict, device_name: str, repeats: int, dtype_name: str) -> li
             out = forward("eager", output_attentions=True)
             return [a.float().cpu() for a in out.attentions]
 
-        lm = LoadedModel(model, tok, name, device, dtype_name, backend="eager")
+        lm = LoadedModel(model, tok, name, device, dtype_name)  # run.attention auto, as a job gets it
         recipes = [validate_recipe(r, "bench") for r in DEFAULT]
         masks = batch_masks(lm, windows, ids)
 
@@ -222,7 +222,6 @@ def run_gpu(shapes: dict, device_name: str, repeats: int, dtype_name: str) -> li
 
         def attnpipe(recipe_set):
             specs = [validate_recipe(r, "bench") for r in recipe_set]
-            lm.backend = "sdpa" if device.type == "cuda" else "eager"
             model.set_attn_implementation("attnpipe")
 
             def go():
