@@ -9,7 +9,7 @@ import pyarrow.dataset as pads
 
 from .errors import OutputError
 from .store import paths
-from .store.commit import committed_files, read_records
+from .store.commit import read_records
 from .store.dataset import check_format, planned_shards, read_info, version_location, versions
 from .store.location import Location, as_location
 from .store.schema import load_schemas

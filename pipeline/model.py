@@ -7,7 +7,6 @@ pickle checkpoints; `trust_remote_code` only when the job asks for it.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata as md
 import unicodedata
 from dataclasses import dataclass, field

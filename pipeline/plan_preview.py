@@ -21,7 +21,6 @@ import numpy as np
 from . import hub
 from .job import JobSpec
 from .recipes import RECIPES
-from .store import paths
 from .store.commit import read_records
 from .store.location import as_location
 from .store.dataset import check_format, damaged_files as _damaged, choose_output, read_info

@@ -107,7 +107,6 @@ class WindowPool:
         return batches
 
 
-
 def document_columns(docs: ShardDocs, part: slice, windows: list[Window], texts: list[str],
                      stride: int) -> dict:
     n = len(texts)

@@ -106,6 +106,37 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     return make
 
 
+@pytest.fixture(scope="session")
+def data(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
+    """The read-side datasets of tests/readkit.py, written once per session: {"dense", "sparse"}."""
+    import readkit
+
+    return readkit.datasets(tmp_path_factory, tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def dense(data):
+    from pipeline.read import open_dataset
+
+    return open_dataset(data["dense"])
+
+
+@pytest.fixture(scope="session")
+def sparse(data):
+    from pipeline.read import open_dataset
+
+    return open_dataset(data["sparse"])
+
+
+def invoke(*args):
+    """`attnpipe ARGS` in this process (click's test runner); arguments may be paths."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
 def write_job(tmp_path: Path, corpus: Path | str, model: Path | str = "all-MiniLM-L6-v2",
               recipes: str = '[[recipes]]\nname = "head_stats"\n', extra: str = "", **run) -> Path:
     """A job file in tmp_path; `run` keys go to [run] (output defaults to tmp_path/out)."""

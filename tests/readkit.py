@@ -55,7 +55,6 @@ per_head = true
 name = "rollout"
 k = 3
 """
-_BUILT: dict[str, Path] = {}
 
 
 def corpus(folder: Path) -> Path:
@@ -65,13 +64,13 @@ def corpus(folder: Path) -> Path:
 
 
 def datasets(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
-    """{"dense": OUT, "sparse": OUT}, built on first use and shared by every test module."""
-    if not _BUILT:
-        model = tiny_model_dir("bert")
-        for name, recipes, shards in (("dense", DENSE, 2), ("sparse", SPARSE, 1)):
-            folder = tmp_path_factory.mktemp(f"read-{name}")
-            job = write_job(folder, corpus(folder), model, recipes=recipes, extra='id_column = "id"',
-                            device="cpu", num_shards=shards)
-            run_job(load_job(job), quiet=True)
-            _BUILT[name] = folder / "out"
-    return dict(_BUILT)
+    """{"dense": OUT, "sparse": OUT}; conftest's session fixture `data` calls this once."""
+    model = tiny_model_dir("bert")
+    built = {}
+    for name, recipes, shards in (("dense", DENSE, 2), ("sparse", SPARSE, 1)):
+        folder = tmp_path_factory.mktemp(f"read-{name}")
+        job = write_job(folder, corpus(folder), model, recipes=recipes, extra='id_column = "id"',
+                        device="cpu", num_shards=shards)
+        run_job(load_job(job), quiet=True)
+        built[name] = folder / "out"
+    return built

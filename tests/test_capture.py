@@ -3,7 +3,6 @@ padding in the batch, on BERT, GPT-2 (causal), Llama (RoPE + GQA), T5 and BART e
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from pipeline.capture import capturing

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import click
 import pytest
-from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.errors import AttnpipeError, JobError
+from pipeline.errors import AttnpipeError
 from pipeline.recipes import RECIPES
 from pipeline.store.schema import load_schemas
 
-from conftest import write_job
+from conftest import invoke, write_job
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [{"text": "The animal didn't cross the street because it was too tired.", "id": "d1", "topic": "a"},
@@ -28,10 +27,6 @@ DOCS = [{"text": "The animal didn't cross the street because it was too tired.",
         {"text": "Why do cats purr?", "id": "d3", "topic": "a"},
         {"text": "Short.", "id": "d4", "topic": "b"},
         {"text": "Glass was expensive, and large windows let out precious heat.", "id": "d5", "topic": "c"}]
-
-
-def invoke(*args) -> click.testing.Result:
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def error_line(result) -> str:

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.errors import AttnpipeError, OutputError
+from pipeline.errors import AttnpipeError
 from pipeline.executor import run as run_executor
 from pipeline.job import load_job
 from pipeline.store import committed_files, paths, read_records

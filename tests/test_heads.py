@@ -10,24 +10,13 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
-from pipeline.cli import cli
 from pipeline.errors import ReadError
 from pipeline.read import open_dataset
 from pipeline.read.heads import STATS, Rules, head_atlas, label_heads, load_rules
 from pipeline.store import committed_files
 
-import readkit
-
-
-@pytest.fixture(scope="session")
-def data(tmp_path_factory, tiny_model_dir):
-    return readkit.datasets(tmp_path_factory, tiny_model_dir)
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+from conftest import invoke
 
 
 def test_atlas_equals_plain_pandas(data):

@@ -9,38 +9,17 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pandas as pd
 import pytest
-from click.testing import CliRunner
 
 pytest.importorskip("matplotlib")
 
-from pipeline.cli import cli
 from pipeline.errors import ReadError
-from pipeline.read import open_dataset
 from pipeline.read.matrices import (Matrix, attention_matrix, crop, merge_words, rollout_matrix, word_groups,
                                     word_labels)
 
-import readkit
+from conftest import invoke
+
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="session")
-def data(tmp_path_factory, tiny_model_dir):
-    return readkit.datasets(tmp_path_factory, tiny_model_dir)
-
-
-@pytest.fixture(scope="session")
-def dense(data):
-    return open_dataset(data["dense"])
-
-
-@pytest.fixture(scope="session")
-def sparse(data):
-    return open_dataset(data["sparse"])
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def assert_png(path):

@@ -17,30 +17,15 @@ import pandas as pd
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
-from pipeline.cli import cli
 from pipeline.errors import QueryError, ReadError
 from pipeline.read import open_dataset
 from pipeline.store import committed_files, read_records
 
-import readkit
+from conftest import invoke
+
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def data(tmp_path_factory, tiny_model_dir):
-    return readkit.datasets(tmp_path_factory, tiny_model_dir)
-
-
-@pytest.fixture(scope="session")
-def dense(data):
-    return open_dataset(data["dense"])
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def one_line_error(result) -> str:

@@ -21,14 +21,8 @@ from pipeline.errors import ReadError
 from pipeline.read import open_dataset
 from pipeline.read.report import build_report, write_report
 
-import readkit
 
 SECTIONS = ["provenance", "tables", "atlas", "grids", "heatmaps", "head-view"]
-
-
-@pytest.fixture(scope="session")
-def data(tmp_path_factory, tiny_model_dir):
-    return readkit.datasets(tmp_path_factory, tiny_model_dir)
 
 
 @pytest.fixture(scope="session")

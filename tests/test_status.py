@@ -15,16 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from pipeline.cli import cli
 from pipeline.executor.local import run_job
 from pipeline.job import load_job
 from pipeline import plan_preview
 from pipeline.plan_preview import preview, windows_of
 from pipeline.store import paths, read_records
 
-from conftest import write_job
+from conftest import invoke, write_job
 
 SHORT = ["The animal didn't cross the street because it was too tired.", "Why do cats purr?",
          "Rain fell all night; by morning the road was a river.", "Short.",
@@ -55,10 +53,6 @@ def make_job(folder: Path, model: Path, out: Path, texts=TEXTS) -> Path:
     if not corpus.exists():
         write_corpus(corpus, texts)
     return write_job(folder, corpus, model, recipes=RECIPES, device="cpu", num_shards=3, output=str(out))
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def status_json(out: Path) -> tuple[int, dict]:

@@ -22,9 +22,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
-from pipeline.cli import cli
 from pipeline.corpus import Corpus, open_corpus
 from pipeline.errors import CorpusError, OutputError
 from pipeline.executor.local import run_job
@@ -32,7 +30,7 @@ from pipeline.inspect import open_table
 from pipeline.job import CorpusSpec, RunSpec, load_job
 from pipeline.store import committed_files, read_records
 
-from conftest import tiny_model, write_job
+from conftest import invoke, tiny_model, write_job
 
 TEXTS = ["The animal didn't cross the street because it was too tired.", "Why do cats purr?",
          "Rain fell all night; by morning the road was a river.", "Short.",
@@ -68,10 +66,6 @@ def make_job(tmp_path, model, recipes=TOPK, ids=False, **run) -> Path:
 
 def run(job: Path, **kw):
     return run_job(load_job(job), quiet=True, **kw)
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def error_line(result) -> str:

@@ -10,7 +10,6 @@ the records never see them, and the next run (holding the lock) deletes them.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 

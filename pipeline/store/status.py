@@ -14,8 +14,6 @@ output, storage format 1, an unreadable record).
 from __future__ import annotations
 
 import json
-import socket
-import time
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 
