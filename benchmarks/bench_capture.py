@@ -21,10 +21,10 @@ import time
 import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig
 
-from pipeline.model import DTYPES, LoadedModel, builtin_model_dir, pick_device
-from pipeline.recipes import LayerAttention, validate_recipe
-from pipeline.reduce import apply_recipes, batch_masks, reduce_batch
-from pipeline.windows import Window, collate
+from attnpipe.model import DTYPES, LoadedModel, builtin_model_dir, pick_device
+from attnpipe.recipes import LayerAttention, validate_recipe
+from attnpipe.reduce import apply_recipes, batch_masks, reduce_batch
+from attnpipe.windows import Window, collate
 
 RECIPE_SET = [{"name": "head_stats"}, {"name": "topk", "k": 8}, {"name": "topk", "k": 8, "per_head": False},
               {"name": "rollout", "k": 8}]

@@ -56,8 +56,8 @@ def machine(device: str) -> str:
 PLAIN = '''
 import sys, torch, datasets
 from transformers import AutoModel, AutoTokenizer
-from pipeline.hub import builtin_model_dir
-from pipeline.windows import tokenize, make_batches, collate
+from attnpipe.hub import builtin_model_dir
+from attnpipe.windows import tokenize, make_batches, collate
 ds = datasets.load_dataset("json", data_files=sys.argv[1], split="train")
 tok = AutoTokenizer.from_pretrained(builtin_model_dir())
 model = AutoModel.from_pretrained(builtin_model_dir(), attn_implementation="eager").eval()
@@ -98,13 +98,13 @@ def run_cpu(repeats: int) -> dict:
                        f'stride = 32\n[run]\ndevice = "cpu"\nnum_shards = 1\nprogress = false\n')
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         env.pop("ATTNPIPE_KEEP_FREED_MEMORY", None)
-        keep = "from pipeline.hostmem import keep_freed_memory\nkeep_freed_memory()\n"
+        keep = "from attnpipe.hostmem import keep_freed_memory\nkeep_freed_memory()\n"
         variants = {  # name -> (command, environment)
             "plain": (lambda r: [sys.executable, "-c", PLAIN, str(corpus)], env),
-            "attnpipe": (lambda r: [sys.executable, "-m", "pipeline.cli", "run", str(job), "-q", "-o",
+            "attnpipe": (lambda r: [sys.executable, "-m", "attnpipe.cli", "run", str(job), "-q", "-o",
                                     str(tmp / f"out{r}")], env),
             "plain_keep_freed": (lambda r: [sys.executable, "-c", keep + PLAIN, str(corpus)], env),
-            "attnpipe_system_malloc": (lambda r: [sys.executable, "-m", "pipeline.cli", "run", str(job), "-q",
+            "attnpipe_system_malloc": (lambda r: [sys.executable, "-m", "attnpipe.cli", "run", str(job), "-q",
                                                   "-o", str(tmp / f"sys{r}")],
                                        {**env, "ATTNPIPE_KEEP_FREED_MEMORY": "0"}),
         }
@@ -151,7 +151,7 @@ def build_model(kind: str, dtype):
 def gpu_batch(batch: int, tokens: int, vocab: int, device):
     import torch
 
-    from pipeline.windows import Window
+    from attnpipe.windows import Window
 
     g = torch.Generator().manual_seed(0)
     windows = []
@@ -181,12 +181,12 @@ def timed(fn, sync, repeats: int) -> tuple[float, float]:
 def run_gpu(shapes: dict, device_name: str, repeats: int, dtype_name: str) -> list[dict]:
     import torch
 
-    from pipeline.model import LoadedModel
-    from pipeline.recipes import RECIPES, LayerAttention, recipe_params, validate_recipe
-    from pipeline.reduce import apply_recipes, batch_masks, reduce_batch
-    from pipeline.store.writer import ShardWriter
-    from pipeline.windows import collate
-    from pipeline.hub import builtin_model_dir
+    from attnpipe.model import LoadedModel
+    from attnpipe.recipes import RECIPES, LayerAttention, recipe_params, validate_recipe
+    from attnpipe.reduce import apply_recipes, batch_masks, reduce_batch
+    from attnpipe.store.writer import ShardWriter
+    from attnpipe.windows import collate
+    from attnpipe.hub import builtin_model_dir
     from transformers import AutoTokenizer
 
     device = torch.device(device_name)
@@ -226,7 +226,7 @@ def run_gpu(shapes: dict, device_name: str, repeats: int, dtype_name: str) -> li
 
             def go():
                 with tempfile.TemporaryDirectory() as tmp, ShardWriter(Path(tmp), 0, "bench0000", {}) as w:
-                    from pipeline.shard import output_columns
+                    from attnpipe.shard import output_columns
                     import numpy as np
                     w.doc_ids = [f"d{i:06d}" for i in range(len(windows))]
                     w.recipes = {i: (r["name"], recipe_params(r)) for i, r in enumerate(specs)}

@@ -42,7 +42,7 @@ import pyarrow.fs as pafs  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from fsspec.implementations.local import LocalFileSystem  # noqa: E402
 
-from pipeline.store import committed_files, read_records  # noqa: E402
+from attnpipe.store import committed_files, read_records  # noqa: E402
 
 CORPUS = REPO / "jobs" / "data" / "demo_corpus.jsonl"
 PER_HEAD_TOPK = [{"name": "topk", "k": 8, "per_head": True}]
@@ -103,7 +103,7 @@ def write_job(path: Path, corpus: Path, out: Path, recipes: list[dict] | None = 
 
 def run_measured(job: Path) -> dict:
     """`attnpipe run JOB -q` in a fresh process: {'seconds', 'maxrss_kib'} of that process."""
-    cmd = [sys.executable, "-c", WRAPPER, sys.executable, "-m", "pipeline.cli", "run", str(job), "-q"]
+    cmd = [sys.executable, "-c", WRAPPER, sys.executable, "-m", "attnpipe.cli", "run", str(job), "-q"]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
@@ -271,7 +271,7 @@ def synthetic_edges(rng: np.random.Generator, tokens: int, window: int, heads: i
 
 
 def bench_writer(work: Path, total_rows: int) -> dict:
-    from pipeline.store.writer import ShardWriter
+    from attnpipe.store.writer import ShardWriter
 
     print(f"\n== 3. streaming writer alone, synthetic per-head topk edges (~{total_rows / 1e6:.1f}M rows)")
     rng = np.random.default_rng(0)

@@ -8,7 +8,7 @@ __version__ = "0.2.0"
 
 
 def __getattr__(name: str):
-    # `from pipeline import open_dataset` without importing the read side (or torch) up front.
+    # `from attnpipe import open_dataset` without importing the read side (or torch) up front.
     if name in ("open_dataset", "AttnDataset"):
         from . import read
 

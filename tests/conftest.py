@@ -20,7 +20,7 @@ import torch
 from transformers import (AutoModel, AutoTokenizer, BartConfig, BertConfig, GPT2Config,
                           LlamaConfig, T5Config)
 
-from pipeline.model import LoadedModel, builtin_model_dir
+from attnpipe.model import LoadedModel, builtin_model_dir
 
 
 VOCAB = 30522  # the MiniLM tokenizer's vocabulary
@@ -75,7 +75,7 @@ def arch(request):
 
 @pytest.fixture(scope="session")
 def minilm():
-    from pipeline.model import load_model
+    from attnpipe.model import load_model
 
     return load_model("all-MiniLM-L6-v2", device="cpu")
 
@@ -116,14 +116,14 @@ def data(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def dense(data):
-    from pipeline.read import open_dataset
+    from attnpipe.read import open_dataset
 
     return open_dataset(data["dense"])
 
 
 @pytest.fixture(scope="session")
 def sparse(data):
-    from pipeline.read import open_dataset
+    from attnpipe.read import open_dataset
 
     return open_dataset(data["sparse"])
 
@@ -132,7 +132,7 @@ def invoke(*args):
     """`attnpipe ARGS` in this process (click's test runner); arguments may be paths."""
     from click.testing import CliRunner
 
-    from pipeline.cli import cli
+    from attnpipe.cli import cli
 
     return CliRunner().invoke(cli, [str(a) for a in args])
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.executor.local import run_job
-from pipeline.job import load_job
+from attnpipe.executor.local import run_job
+from attnpipe.job import load_job
 
 from conftest import write_job
 

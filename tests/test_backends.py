@@ -11,9 +11,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.executor.local import run_job
-from pipeline.job import load_job
-from pipeline.store import committed_files, read_records
+from attnpipe.executor.local import run_job
+from attnpipe.job import load_job
+from attnpipe.store import committed_files, read_records
 
 from conftest import write_job
 
@@ -77,8 +77,8 @@ def test_out_of_memory_halves_the_batch_and_reports_it(tmp_path, tiny_model_dir,
 
     import torch
 
-    from pipeline import shard as shard_module
-    from pipeline.errors import ModelError
+    from attnpipe import shard as shard_module
+    from attnpipe.errors import ModelError
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS * 2))
@@ -119,7 +119,7 @@ def test_fused_backend_stores_what_the_torch_recipes_store(tmp_path, tiny_model_
     """The fused backend (SDPA output; head_stats and topk from the kernels' API on q and k,
     here its torch reference) against the eager torch recipes, with padding, causal masks and
     GQA. Per-head threshold falls back to P computed from q and k."""
-    from pipeline import kernels
+    from attnpipe import kernels
 
     monkeypatch.setattr(kernels, "available", lambda: False)  # the reference implementation
     outs = run_backends(tmp_path, tiny_model_dir(arch), FUSED_RECIPES, ("eager", "fused"))

@@ -16,11 +16,11 @@ import pytest
 import torch
 from transformers import AutoModel, BertConfig
 
-from pipeline import hub
-from pipeline.corpus import open_corpus
-from pipeline.errors import AttnpipeError, CorpusError, JobError, ModelError
-from pipeline.job import CorpusSpec
-from pipeline.model import load_model, pick_device
+from attnpipe import hub
+from attnpipe.corpus import open_corpus
+from attnpipe.errors import AttnpipeError, CorpusError, JobError, ModelError
+from attnpipe.job import CorpusSpec
+from attnpipe.model import load_model, pick_device
 
 from conftest import tiny_model, write_job
 
@@ -278,8 +278,8 @@ def test_damaged_save_to_disk_folder(tmp_path, damage):
 
 def test_load_job_does_not_import_torch(tmp_path):
     job = write_job(tmp_path, "c.jsonl", recipes='[[recipes]]\nname = "topk"\nk = 3\n')
-    code = ("import sys; from pipeline.job import load_job; load_job(sys.argv[1]); "
-            "from pipeline.recipes import RECIPES, validate_recipe, recipe_params, recipe_id; "
+    code = ("import sys; from attnpipe.job import load_job; load_job(sys.argv[1]); "
+            "from attnpipe.recipes import RECIPES, validate_recipe, recipe_params, recipe_id; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     result = subprocess.run([sys.executable, "-c", code, str(job)], capture_output=True, text=True, env=env)
@@ -287,9 +287,9 @@ def test_load_job_does_not_import_torch(tmp_path):
 
 
 def test_recipe_functions_and_types_load_lazily():
-    import pipeline.recipes as recipes
-    from pipeline.recipes import HEAD_MEAN, RECIPES, BatchMasks, LayerAttention
-    from pipeline.recipes.masks import topk
+    import attnpipe.recipes as recipes
+    from attnpipe.recipes import HEAD_MEAN, RECIPES, BatchMasks, LayerAttention
+    from attnpipe.recipes.masks import topk
 
     assert RECIPES["topk"].fn is topk
     assert RECIPES["rollout"].doc and RECIPES["head_stats"].doc

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.capture import capturing
-from pipeline.windows import collate, tokenize
+from attnpipe.capture import capturing
+from attnpipe.windows import collate, tokenize
 
 from conftest import eager_attentions, loaded
 
@@ -56,7 +56,7 @@ def test_sdpa_backend_output_and_probs_equal_eager(arch, tokenizer):
     """The "sdpa" backend: the layer output comes from torch's scaled_dot_product_attention and
     the probabilities are recomputed from q, k, scaling and mask only when asked for; both equal
     HF eager (float32, 1e-5), with padding, causal masks, RoPE and GQA."""
-    from pipeline.capture import capture_layers
+    from attnpipe.capture import capture_layers
 
     lm, reference = loaded(arch, tokenizer)
     _, ids, mask = _batch(tokenizer)

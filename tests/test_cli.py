@@ -14,10 +14,10 @@ from pathlib import Path
 import click
 import pytest
 
-from pipeline.cli import cli
-from pipeline.errors import AttnpipeError
-from pipeline.recipes import RECIPES
-from pipeline.store.schema import load_schemas
+from attnpipe.cli import cli
+from attnpipe.errors import AttnpipeError
+from attnpipe.recipes import RECIPES
+from attnpipe.store.schema import load_schemas
 
 from conftest import invoke, write_job
 
@@ -366,7 +366,7 @@ def test_debug_on_other_commands():
 def _attnpipe(*args, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "attnpipe.cli", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -383,7 +383,7 @@ def test_real_process_error_and_debug_traceback(tmp_path):
     debug = _attnpipe("run", "--debug", path, cwd=tmp_path)
     assert debug.returncode != 0
     assert "Traceback (most recent call last)" in debug.stderr
-    assert "pipeline.errors.JobError" in debug.stderr and "unknown key 'run.num_shard'" in debug.stderr
+    assert "attnpipe.errors.JobError" in debug.stderr and "unknown key 'run.num_shard'" in debug.stderr
 
 
 # --- nothing half-written --------------------------------------------------------------------

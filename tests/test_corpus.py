@@ -12,12 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.corpus import Corpus, open_corpus
-from pipeline.errors import CorpusError
-from pipeline.store.plan import contiguous
-from pipeline.executor.local import run_job
-from pipeline.inspect import open_table
-from pipeline.job import CorpusSpec, load_job
+from attnpipe.corpus import Corpus, open_corpus
+from attnpipe.errors import CorpusError
+from attnpipe.store.plan import contiguous
+from attnpipe.executor.local import run_job
+from attnpipe.inspect import open_table
+from attnpipe.job import CorpusSpec, load_job
 
 from conftest import write_job
 

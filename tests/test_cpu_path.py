@@ -22,15 +22,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import reduce as reduce_module
-from pipeline import shard as shard_module
-from pipeline.executor.local import run_job
-from pipeline.job import load_job
-from pipeline.recipes import validate_recipe
-from pipeline.reduce import reduce_batch
-from pipeline.shard import WindowPool
-from pipeline.store.writer import ShardWriter
-from pipeline.windows import Window, make_batches, tokenize
+from attnpipe import reduce as reduce_module
+from attnpipe import shard as shard_module
+from attnpipe.executor.local import run_job
+from attnpipe.job import load_job
+from attnpipe.recipes import validate_recipe
+from attnpipe.reduce import reduce_batch
+from attnpipe.shard import WindowPool
+from attnpipe.store.writer import ShardWriter
+from attnpipe.windows import Window, make_batches, tokenize
 
 from conftest import ARCHS, loaded, write_job
 from test_backends import RECIPES, assert_same_tables
@@ -132,8 +132,8 @@ def test_one_window_slices_give_the_whole_batch_rows(arch, backend, tokenizer, m
 def test_probabilities_of_some_windows_equal_those_of_the_batch(arch, tokenizer):
     """LayerInputs.probs_rows: the batch's probabilities for windows lo..hi, GQA keys repeated,
     T5's position bias and the padding mask sliced with them."""
-    from pipeline.capture import capture_layers
-    from pipeline.windows import collate
+    from attnpipe.capture import capture_layers
+    from attnpipe.windows import collate
 
     lm, _ = loaded(arch, tokenizer)
     ids, mask = collate(_padded_windows(tokenizer), lm.pad_id)
@@ -203,6 +203,6 @@ def test_cpu_workers_keep_freed_memory(setting, expected):
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("not glibc")
-    out = subprocess.run([sys.executable, "-c", "from pipeline.hostmem import keep_freed_memory as k; "
+    out = subprocess.run([sys.executable, "-c", "from attnpipe.hostmem import keep_freed_memory as k; "
                           "print(k(), k())"], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == [expected, expected]

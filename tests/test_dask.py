@@ -11,12 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import cli
-from pipeline.errors import AttnpipeError
-from pipeline.executor import run as run_executor
-from pipeline.job import load_job
-from pipeline.store import committed_files, paths, read_records
-from pipeline.store.verify import verify
+from attnpipe.cli import cli
+from attnpipe.errors import AttnpipeError
+from attnpipe.executor import run as run_executor
+from attnpipe.job import load_job
+from attnpipe.store import committed_files, paths, read_records
+from attnpipe.store.verify import verify
 
 from conftest import write_job
 

@@ -31,8 +31,8 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import cli
-from pipeline.store import committed_files, read_records
+from attnpipe.cli import cli
+from attnpipe.store import committed_files, read_records
 
 from conftest import write_job
 
@@ -118,7 +118,7 @@ def attnpipe(args: list[str], fault: str | None = None) -> subprocess.CompletedP
     env.pop("ATTNPIPE_FAULT", None)
     if fault:
         env["ATTNPIPE_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "attnpipe.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

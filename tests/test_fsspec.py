@@ -11,14 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import cli
-from pipeline.errors import OutputError
-from pipeline.executor import run as run_executor
-from pipeline.inspect import summarize
-from pipeline.job import load_job
-from pipeline.store import committed_files, read_records
-from pipeline.store.location import Location
-from pipeline.store.verify import verify
+from attnpipe.cli import cli
+from attnpipe.errors import OutputError
+from attnpipe.executor import run as run_executor
+from attnpipe.inspect import summarize
+from attnpipe.job import load_job
+from attnpipe.store import committed_files, read_records
+from attnpipe.store.location import Location
+from attnpipe.store.verify import verify
 
 from conftest import write_job
 

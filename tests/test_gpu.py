@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.capture import capturing
-from pipeline.model import LoadedModel
-from pipeline.windows import collate, tokenize
+from attnpipe.capture import capturing
+from attnpipe.model import LoadedModel
+from attnpipe.windows import collate, tokenize
 
 from conftest import eager_attentions, tiny_model
 

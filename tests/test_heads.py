@@ -11,10 +11,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.errors import ReadError
-from pipeline.read import open_dataset
-from pipeline.read.heads import STATS, Rules, head_atlas, label_heads, load_rules
-from pipeline.store import committed_files
+from attnpipe.errors import ReadError
+from attnpipe.read import open_dataset
+from attnpipe.read.heads import STATS, Rules, head_atlas, label_heads, load_rules
+from attnpipe.store import committed_files
 
 from conftest import invoke
 

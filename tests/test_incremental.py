@@ -8,11 +8,11 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.errors import OutputError
-from pipeline.executor.local import run_job
-from pipeline.job import load_job
-from pipeline.store import committed_files, read_records
-from pipeline.store.dataset import read_info
+from attnpipe.errors import OutputError
+from attnpipe.executor.local import run_job
+from attnpipe.job import load_job
+from attnpipe.store import committed_files, read_records
+from attnpipe.store.dataset import read_info
 
 from conftest import write_job
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import AttnpipeError, JobError
-from pipeline.job import JobSpec, build_job, load_job
-from pipeline.recipes import RECIPES
+from attnpipe.errors import AttnpipeError, JobError
+from attnpipe.job import JobSpec, build_job, load_job
+from attnpipe.recipes import RECIPES
 
 from conftest import write_job
 
@@ -44,7 +44,7 @@ def test_minimal_job_has_defaults():
 
 
 def test_fingerprint_names_what_changed_and_ignores_path_spelling(tmp_path):
-    from pipeline.job import fingerprint_diff, load_job
+    from attnpipe.job import fingerprint_diff, load_job
 
     (tmp_path / "job.toml").write_text('[corpus]\npath = "c.jsonl"\n')
     rel = load_job(tmp_path / "job.toml")
@@ -76,7 +76,7 @@ def test_unknown_key_names_key_and_valid_keys(section, key, model):
     data = _job(**{section: {key: 1}})
     message = _error(data, JobError)
     assert f"unknown key '{section}.{key}'" in message
-    import pipeline.job as job_module
+    import attnpipe.job as job_module
     for valid in getattr(job_module, model).model_fields:
         assert valid in message
 

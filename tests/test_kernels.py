@@ -1,4 +1,4 @@
-"""pipeline.kernels: the torch reference against a naive float64 softmax, then the Triton kernels
+"""attnpipe.kernels: the torch reference against a naive float64 softmax, then the Triton kernels
 against the reference.
 
 Triton decides when it is first imported whether @triton.jit compiles or interprets (its own
@@ -24,13 +24,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.kernels import reference as R
+from attnpipe.kernels import reference as R
 
 try:
     import triton
     from triton.runtime.interpreter import InterpretedFunction
 
-    from pipeline.kernels import triton_attn as T
+    from attnpipe.kernels import triton_attn as T
     INTERPRETED = isinstance(triton.language.standard.sort, InterpretedFunction)
 except ImportError:  # the reference tests still run
     T, INTERPRETED = None, False
@@ -285,7 +285,7 @@ def test_triton_rejects_k_top_beyond_the_buffer():
 
 @triton_here
 def test_triton_available_and_namespaces():
-    import pipeline.kernels as kernels
+    import attnpipe.kernels as kernels
 
     assert kernels.available()  # TRITON_INTERPRET=1 in the child, or CUDA present
     for impl in (kernels.reference, kernels.triton):

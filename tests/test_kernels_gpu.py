@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.kernels import reference as R
+from attnpipe.kernels import reference as R
 
 from test_kernels import INTERPRETED, T, assert_topk, poisoned, written  # noqa: F401 (poisoned: fixture)
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.recipes import validate_recipe
-from pipeline.reduce import reduce_batch
-from pipeline.windows import tokenize
+from attnpipe.recipes import validate_recipe
+from attnpipe.reduce import reduce_batch
+from attnpipe.windows import tokenize
 
 pytestmark = pytest.mark.integration
 
@@ -36,13 +36,13 @@ def test_minilm_shape(minilm):
 
 
 def test_demo_job_runs_on_a_slice(tmp_path):
-    from pipeline.executor.local import run_job
-    from pipeline.job import load_job
+    from attnpipe.executor.local import run_job
+    from attnpipe.job import load_job
 
     demo = Path(__file__).resolve().parents[1] / "jobs" / "demo.toml"
     job = load_job(demo, overrides={"run.output": str(tmp_path / "demo"), "corpus.limit": 12,
                                                 "run.progress": False})
-    from pipeline.store.verify import verify
+    from attnpipe.store.verify import verify
 
     summary = run_job(job, quiet=True)
     assert summary.totals["documents"] == 12 and summary.totals["rows"]["head_stats"] > 0

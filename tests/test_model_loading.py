@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.errors import ModelError
-from pipeline.model import BUILTIN_NAMES, DEFAULT_MODEL, builtin_model_dir, load_model, resolve_source
+from attnpipe.errors import ModelError
+from attnpipe.model import BUILTIN_NAMES, DEFAULT_MODEL, builtin_model_dir, load_model, resolve_source
 
 from conftest import tiny_model
 
@@ -146,7 +146,7 @@ def test_builtin_name_resolves_to_packaged_dir(name, tmp_path):
 
 
 def test_default_model_name_is_builtin():
-    from pipeline.job import ModelSpec
+    from attnpipe.job import ModelSpec
 
     assert ModelSpec().name == DEFAULT_MODEL and DEFAULT_MODEL in BUILTIN_NAMES
 

@@ -10,15 +10,15 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import reduce as reduce_module
-from pipeline import shard as shard_module
-from pipeline.executor import local as local_executor
-from pipeline.executor.local import run_job
-from pipeline.inspect import open_table
-from pipeline.job import load_job
-from pipeline.store import committed_files, read_records
-from pipeline.store.paths import DATA_FILE
-from pipeline.store.schema import load_schemas
+from attnpipe import reduce as reduce_module
+from attnpipe import shard as shard_module
+from attnpipe.executor import local as local_executor
+from attnpipe.executor.local import run_job
+from attnpipe.inspect import open_table
+from attnpipe.job import load_job
+from attnpipe.store import committed_files, read_records
+from attnpipe.store.paths import DATA_FILE
+from attnpipe.store.schema import load_schemas
 
 from conftest import write_job
 
@@ -205,7 +205,7 @@ def test_crash_mid_shard_leaves_nothing_that_looks_complete(tmp_path, corpus, ti
 
     monkeypatch.setattr(shard_module, "run_shard", tracking)
     monkeypatch.setattr(local_executor, "run_shard", tracking, raising=False)  # if imported eagerly
-    monkeypatch.setattr("pipeline.shard.reduce_batch_async", flaky)
+    monkeypatch.setattr("attnpipe.shard.reduce_batch_async", flaky)
     job = write_job(tmp_path, corpus, tiny_model_dir("bert"), recipes=ALL_RECIPES, num_shards=2, batch_tokens=64)
     with pytest.raises(RuntimeError):
         run_job(load_job(job), quiet=True)
@@ -221,7 +221,7 @@ def test_crash_mid_shard_leaves_nothing_that_looks_complete(tmp_path, corpus, ti
     # A leftover file of an uncommitted shard (killed between renames) is removed on the next run.
     stray = out / "edges" / "layer-000" / "shard-00001-deadbeef-r1-0.parquet"
     stray.write_bytes(b"partial")
-    monkeypatch.setattr("pipeline.shard.reduce_batch_async", real_reduce)
+    monkeypatch.setattr("attnpipe.shard.reduce_batch_async", real_reduce)
     summary = run_job(load_job(job), quiet=True)
     assert summary.shards_run == [1] and summary.shards_skipped == [0]
     assert not stray.exists()

@@ -12,8 +12,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from pipeline.errors import ReadError
-from pipeline.read.matrices import (Matrix, attention_matrix, crop, merge_words, rollout_matrix, word_groups,
+from attnpipe.errors import ReadError
+from attnpipe.read.matrices import (Matrix, attention_matrix, crop, merge_words, rollout_matrix, word_groups,
                                     word_labels)
 
 from conftest import invoke

@@ -18,9 +18,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.errors import QueryError, ReadError
-from pipeline.read import open_dataset
-from pipeline.store import committed_files, read_records
+from attnpipe.errors import QueryError, ReadError
+from attnpipe.read import open_dataset
+from attnpipe.store import committed_files, read_records
 
 from conftest import invoke
 
@@ -299,8 +299,8 @@ def test_query_list_columns_as_csv_and_json(data):
 
 # --- import boundary ----------------------------------------------------------------------------
 
-FORBIDDEN = ("torch", "transformers", "pipeline.capture", "pipeline.model", "pipeline.executor",
-             "pipeline.shard", "pipeline.reduce", "pipeline.recipes", "pipeline.runtime")
+FORBIDDEN = ("torch", "transformers", "attnpipe.capture", "attnpipe.model", "attnpipe.executor",
+             "attnpipe.shard", "attnpipe.reduce", "attnpipe.recipes", "attnpipe.runtime")
 
 
 def test_read_package_never_imports_model_code():
@@ -311,7 +311,7 @@ def test_read_package_never_imports_model_code():
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
-                package = ["pipeline", "read"][:2 - node.level + 1] if node.level else []
+                package = ["attnpipe", "read"][:2 - node.level + 1] if node.level else []
                 base = ".".join(package + ([node.module] if node.module else []))
                 names = [base] + [f"{base}.{a.name}" for a in node.names]
             for name in names:
@@ -319,9 +319,9 @@ def test_read_package_never_imports_model_code():
 
 
 def test_open_dataset_without_torch(data):
-    code = (f"import sys; from pipeline import open_dataset; ds = open_dataset({str(data['dense'])!r}); "
+    code = (f"import sys; from attnpipe import open_dataset; ds = open_dataset({str(data['dense'])!r}); "
             "ds.sql('SELECT count(*) FROM edges_tokens'); ds.to_pandas('head_stats'); "
-            "from pipeline.read import heads, matrices, report; heads.head_atlas(ds); "
+            "from attnpipe.read import heads, matrices, report; heads.head_atlas(ds); "
             "matrices.attention_matrix(ds, 'd-anim', 1, -1); "
             f"bad = [m for m in sys.modules if m.startswith({FORBIDDEN!r})]; print(bad); assert not bad, bad")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

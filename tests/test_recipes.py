@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.recipes import RECIPES, BatchMasks, LayerAttention, validate_recipe
+from attnpipe.recipes import RECIPES, BatchMasks, LayerAttention, validate_recipe
 
 import reference as ref
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.recipes import recipe_id, validate_recipe
-from pipeline.reduce import batch_masks, reduce_batch
-from pipeline.windows import collate, tokenize
+from attnpipe.recipes import recipe_id, validate_recipe
+from attnpipe.reduce import batch_masks, reduce_batch
+from attnpipe.windows import collate, tokenize
 
 import reference as ref
 from conftest import eager_attentions, loaded

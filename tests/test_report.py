@@ -16,10 +16,10 @@ from click.testing import CliRunner
 
 pytest.importorskip("matplotlib")
 
-from pipeline.cli import cli
-from pipeline.errors import ReadError
-from pipeline.read import open_dataset
-from pipeline.read.report import build_report, write_report
+from attnpipe.cli import cli
+from attnpipe.errors import ReadError
+from attnpipe.read import open_dataset
+from attnpipe.read.report import build_report, write_report
 
 
 SECTIONS = ["provenance", "tables", "atlas", "grids", "heatmaps", "head-view"]

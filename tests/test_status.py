@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.executor.local import run_job
-from pipeline.job import load_job
-from pipeline import plan_preview
-from pipeline.plan_preview import preview, windows_of
-from pipeline.store import paths, read_records
+from attnpipe.executor.local import run_job
+from attnpipe.job import load_job
+from attnpipe import plan_preview
+from attnpipe.plan_preview import preview, windows_of
+from attnpipe.store import paths, read_records
 
 from conftest import invoke, write_job
 
@@ -287,7 +287,7 @@ def test_dry_run_without_a_tokenizer_counts_characters(tmp_path, tiny_model_dir)
 
 def test_dry_run_loads_no_torch(tmp_path, tiny_model_dir):
     job = make_job(tmp_path, tiny_model_dir("bert"), tmp_path / "out")
-    code = ("import sys\nfrom pipeline.cli import cli\n"
+    code = ("import sys\nfrom attnpipe.cli import cli\n"
             "try:\n    cli(['run', sys.argv[1], '--dry-run'], prog_name='attnpipe')\nexcept SystemExit as e:\n"
             "    assert not e.code, e.code\n"
             "print('loaded:', sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")

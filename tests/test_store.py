@@ -23,12 +23,12 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.corpus import Corpus, open_corpus
-from pipeline.errors import CorpusError, OutputError
-from pipeline.executor.local import run_job
-from pipeline.inspect import open_table
-from pipeline.job import CorpusSpec, RunSpec, load_job
-from pipeline.store import committed_files, read_records
+from attnpipe.corpus import Corpus, open_corpus
+from attnpipe.errors import CorpusError, OutputError
+from attnpipe.executor.local import run_job
+from attnpipe.inspect import open_table
+from attnpipe.job import CorpusSpec, RunSpec, load_job
+from attnpipe.store import committed_files, read_records
 
 from conftest import invoke, tiny_model, write_job
 
@@ -385,7 +385,7 @@ def test_failed_first_run_does_not_block_a_corrected_job(tmp_path, tiny_model_di
     def broken(*args, **kwargs):
         raise RuntimeError("the first run dies before committing anything")
 
-    monkeypatch.setattr("pipeline.shard.reduce_batch_async", broken)
+    monkeypatch.setattr("attnpipe.shard.reduce_batch_async", broken)
     with pytest.raises(RuntimeError):
         run(bad)
     monkeypatch.undo()
@@ -520,7 +520,7 @@ def test_write_error_is_one_line(tmp_path, tiny_model_dir, monkeypatch):
     def refuse(self):
         raise PermissionError(13, "Permission denied", str(self.staging))
 
-    monkeypatch.setattr("pipeline.store.writer.ShardWriter.__enter__", refuse)
+    monkeypatch.setattr("attnpipe.store.writer.ShardWriter.__enter__", refuse)
     line = error_line(invoke("run", job))
     assert "cannot write to" in line and "Permission denied" in line and str(tmp_path / "out") in line
     assert not (tmp_path / "out").exists()
@@ -530,7 +530,7 @@ def test_write_error_is_one_line(tmp_path, tiny_model_dir, monkeypatch):
 
 @pytest.mark.parametrize("flush_rows", [None, 50], ids=["one-flush", "many-flushes"])
 def test_row_groups_never_mix_heads(tmp_path, tiny_model_dir, monkeypatch, flush_rows):
-    from pipeline.store.writer import ShardWriter
+    from attnpipe.store.writer import ShardWriter
 
     if flush_rows:
         monkeypatch.setitem(ShardWriter.__init__.__kwdefaults__, "flush_rows", flush_rows)

@@ -141,7 +141,7 @@ class AttnDataset:
 
     @property
     def query(self):
-        """The read-only DuckDB views of this dataset (`pipeline.read.query.Query`)."""
+        """The read-only DuckDB views of this dataset (`attnpipe.read.query.Query`)."""
         if self._query is None:
             from .query import Query
 
