@@ -119,16 +119,19 @@ class JobSpec(_Section):
         return p if p.is_absolute() else Path(self.base_dir) / p
 
     def fingerprint_parts(self) -> dict[str, Any]:
-        """Everything that changes the output, versions included, with paths made absolute so
-        that the same job named from another folder has the same fingerprint. Not the name,
-        output folder, device, batch size or progress settings."""
-        corpus = self.corpus.model_dump()
+        """What the output depends on, not where its inputs live: moving the project or copying
+        the corpus or model elsewhere keeps the fingerprint. A local corpus is identified by its
+        documents (each committed shard's fingerprint of its doc ids and texts, checked on every
+        rerun), a local model by its weights' sha256 (checked the same way), so their paths are
+        left out; so is `corpus.limit`, since a larger limit only appends rows (a smaller one is
+        refused by the plan). Not the name, output folder, device, batch size or progress."""
+        corpus = self.corpus.model_dump(exclude={"limit"})
         if self.corpus.format != "hub" and (is_local_only(self.corpus.path, Path(self.base_dir))
                                             or self.resolve(self.corpus.path).exists()):
-            corpus["path"] = str(self.resolve(self.corpus.path).resolve())
+            corpus["path"] = "(local)"
         model = self.model.model_dump()
         if self.resolve(self.model.name).exists():
-            model["name"] = str(self.resolve(self.model.name).resolve())
+            model["name"] = "(local folder)"
         return {"corpus": corpus, "model": model,
                 "run": {"num_shards": self.run.num_shards, "weight_dtype": self.run.weight_dtype},
                 "recipes": [{**r, "version": RECIPES[r["name"]].version} for r in self.recipes],

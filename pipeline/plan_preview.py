@@ -197,8 +197,8 @@ def preview(job: JobSpec, new_run: bool = False) -> dict:
     damaged = sorted(s for s, r in records.items() if _damaged(out, r))
     committed = {s: r for s, r in records.items() if s not in damaged}
     corpus = open_job_corpus(job)
+    plan = make_plan(len(corpus), job.run.num_shards, (info or {}).get("plan"), committed, job.corpus.limit)
     check_inputs(out, committed, corpus)
-    plan = make_plan(len(corpus), job.run.num_shards, (info or {}).get("plan"), committed)
     specs = shard_specs(plan)
     todo = [s for s in specs if s.index not in committed]
 

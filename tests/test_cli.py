@@ -290,10 +290,10 @@ def test_different_job_into_same_output_refused(tmp_path, job, corpus, tiny_mode
     assert parquet_files(tmp_path / "out") == before
 
 
-def test_same_job_other_limit_is_a_different_job(tmp_path, job):
+def test_same_job_smaller_limit_is_refused_with_what_to_do(tmp_path, job):
     assert invoke("run", job).exit_code == 0
     line = error_line(invoke("run", job, "--limit", 2))
-    assert "different job" in line and "corpus.limit: null -> 2" in line
+    assert "corpus.limit is 2" in line and "--limit 5" in line and "--new-run" in line
 
 
 def test_output_dir_of_something_else_refused(tmp_path, job):

@@ -96,9 +96,9 @@ class JobRun:
             raise
         try:
             self.committed = recover(self.out)
-            check_inputs(self.out, self.committed, self.corpus)
             self.plan = make_plan(len(self.corpus), job.run.num_shards, (read_info(self.out) or {}).get("plan"),
-                                  self.committed)
+                                  self.committed, job.corpus.limit)
+            check_inputs(self.out, self.committed, self.corpus)
             self.todo: list[ShardSpec] = [s for s in shard_specs(self.plan) if s.index not in self.committed]
         except BaseException as exc:
             self.__exit__(type(exc), exc, None)

@@ -39,15 +39,20 @@ def contiguous(rows: int, num_shards: int) -> list[list[int]]:
     return bounds
 
 
-def make_plan(rows: int, num_shards: int, stored: dict | None, committed: dict[int, dict]) -> dict:
-    """The plan for a corpus of `rows` rows: the stored plan, extended for appended rows; a new
-    one when nothing is committed yet."""
+def make_plan(rows: int, num_shards: int, stored: dict | None, committed: dict[int, dict],
+              limit: int | None = None) -> dict:
+    """The plan for a corpus of `rows` rows: the stored plan, extended for appended rows (or a
+    larger `corpus.limit`); a new one when nothing is committed yet."""
     if not stored or not committed:
         return {"num_shards": num_shards, "rows_per_shard": max(1, math.ceil(rows / num_shards)),
                 "corpus_rows": rows, "shards": contiguous(rows, num_shards)}
     shards = [list(s) for s in stored["shards"]]
     covered = shards[-1][1] if shards else 0
     needed = max((stored["shards"][s][1] for s in committed if s < len(stored["shards"])), default=0)
+    if rows < needed and limit is not None and limit < needed:
+        raise OutputError(f"corpus.limit is {limit}, but committed shards already cover the first {needed} corpus "
+                          f"rows; give --limit {needed} or more (or none) to continue that data, or --new-run to "
+                          "start a new version with this limit")
     if rows < needed:
         raise OutputError(f"the corpus has {rows} rows, fewer than the {needed} that committed shards cover: rows "
                           "were removed or the corpus replaced, not appended to; rerun with --new-run to write a "
