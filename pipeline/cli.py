@@ -89,6 +89,10 @@ def run(job_file, output, limit, device, dtype, model_name, num_shards, batch_to
         click.echo(f"wrote {summary.output}: {len(summary.shards_run)} shards run{skipped}; "
                    f"{t['documents']} documents ({t['empty_documents']} empty), {t['windows']} windows, "
                    f"{t['tokens']} tokens")
+        p = summary.provenance or {}
+        if p.get("window_length"):
+            click.echo(f"  windows of {p['window_length']} tokens (from {p.get('window_from', 'the job')}; "
+                       "model.max_length sets another)")
         for table, n in sorted(t["rows"].items()):
             click.echo(f"  {table:<11} {n:>10,} rows")
         if t["empty_documents"]:

@@ -176,10 +176,19 @@ class LoadedModel:
                   getattr(self.model.config, "n_positions", None), self.tokenizer.model_max_length]
         return min(x for x in limits + [4096] if isinstance(x, int) and x > 0)
 
+    @cached_property
+    def default_window(self) -> tuple[int, str]:
+        """The window when the job sets none, and why: the length the model folder says the model
+        was trained for (sentence-transformers configs), else the model's maximum."""
+        declared = hub.declared_window(Path(self.provenance["source"])) if self.provenance.get("source") else None
+        if declared and declared[0] < self.max_length:
+            return declared
+        return self.max_length, "the model's maximum"
+
     def check_window(self, max_length: int | None, stride: int) -> int:
-        """The window length for the job's model.max_length (None: the model's own maximum),
-        checked against the model and against model.stride. Raises JobError."""
-        window = self.max_length if max_length is None else max_length
+        """The window length for the job's model.max_length (None: the default window), checked
+        against the model and against model.stride. Raises JobError."""
+        window = self.default_window[0] if max_length is None else max_length
         if window > self.max_length:
             raise JobError(f"model.max_length is {max_length} but model {self.name!r} takes at most "
                            f"{self.max_length} tokens; use a value up to {self.max_length}, or leave it "

@@ -93,7 +93,11 @@ def model_shape(folder: Path | None) -> dict:
         bool(config.get("is_decoder")) or "CausalLM" in archs or "LMHead" in archs
         or config.get("model_type") in {"gpt2", "gpt_neo", "gpt_neox", "gptj", "llama", "mistral", "qwen2",
                                         "qwen3", "gemma", "gemma2", "phi", "phi3", "opt", "bloom", "falcon"})
-    return {"config": bool(config), "layers": layers, "heads": heads, "max_length": max_length, "causal": causal}
+    declared = hub.declared_window(folder)
+    window = declared[0] if declared and declared[0] < max_length else max_length
+    return {"config": bool(config), "layers": layers, "heads": heads, "max_length": max_length,
+            "default_window": window, "causal": causal,
+            "window_from": declared[1] if window != max_length else "the model's maximum"}
 
 
 def load_tokenizer(folder: Path | None):
@@ -205,7 +209,7 @@ def preview(job: JobSpec, new_run: bool = False) -> dict:
     folder = model_folder(job)
     shape = model_shape(folder)
     tok = load_tokenizer(folder)
-    window = job.model.max_length or shape["max_length"]
+    window = job.model.max_length or shape["default_window"]
     specials = tok.num_special_tokens_to_add(False) if tok is not None else 2
     stride = job.model.stride
 
@@ -261,7 +265,8 @@ def preview(job: JobSpec, new_run: bool = False) -> dict:
         "damaged": damaged,
         "to_run": shard_rows,
         "model": {"name": job.model.name, "folder": str(folder) if folder else None, "layers": shape["layers"],
-                  "heads": shape["heads"], "window": window, "stride": stride, "special_tokens": specials,
+                  "heads": shape["heads"], "window": window,
+                  "window_from": "model.max_length" if job.model.max_length else shape["window_from"], "stride": stride, "special_tokens": specials,
                   "causal": shape["causal"], "tokenizer": tok is not None},
         "estimate": {"documents": int(len(rows)), "characters": int(chars.sum()), "tokens": tokens,
                      "windows": int((full + (last > 0)).sum()),
@@ -318,7 +323,7 @@ def format_preview(p: dict, max_shards: int = 20) -> str:
     if len(p["to_run"]) > max_shards:
         lines.append(f"  ... and {len(p['to_run']) - max_shards} more shards")
     shape = f"{m['layers']} layers x {m['heads']} heads" if m["layers"] and m["heads"] else "layers/heads unknown"
-    lines.append(f"model:      {m['name']}: {shape}, windows of {m['window']} tokens ({m['special_tokens']} special, "
+    lines.append(f"model:      {m['name']}: {shape}, windows of {m['window']} tokens (from {m['window_from']}; {m['special_tokens']} special, "
                  f"{m['stride']} shared with the window before)" + (", causal" if m["causal"] else ""))
     how = (f"{e['tokens_per_char']} tokens per character from {e['sampled_documents']} sampled documents"
            if m["tokenizer"] else f"no tokenizer.json found for {m['name']}: characters / 4")

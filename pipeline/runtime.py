@@ -51,6 +51,7 @@ class Runtime:
         window = model.check_window(job.model.max_length, job.model.stride)
         provenance = {**model.provenance, "job": job.name, "job_fingerprint": job.fingerprint(),
                       "window_length": window, "stride": job.model.stride,
+                      "window_from": "model.max_length" if job.model.max_length else model.default_window[1],
                       "weight_dtype": job.run.weight_dtype,
                       "recipes": {r["name"]: RECIPES[r["name"]].version for r in job.recipes},
                       "schemas": {name: s.version for name, s in load_schemas().items()}}

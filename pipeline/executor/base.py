@@ -38,6 +38,7 @@ class RunSummary:
     totals: dict
     repeated_texts: int = 0
     failed: dict[int, str] | None = None
+    provenance: dict | None = None  # of the newest commit: model, window_length, window_from, ...
 
 
 def check_inputs(out: Location | Path, records: dict[int, dict], corpus: Corpus) -> None:
@@ -146,7 +147,7 @@ class JobRun:
     def summary(self) -> RunSummary:
         output = Path(self.out.root) if self.out.local else self.out.url()
         return RunSummary(output, self.ran, sorted(self.committed), self.manifest.get("totals", {}),
-                          self.corpus.repeated_texts, self.failures or None)
+                          self.corpus.repeated_texts, self.failures or None, self.manifest.get("provenance"))
 
     def raise_failures(self) -> None:
         """After the run: one error naming every shard that kept failing, and what to do."""
