@@ -75,3 +75,21 @@ def failure_path(out: Path, shard: int) -> Path:
 def version_dir(out: Path, version: int) -> Path:
     """Version 1 is the output folder itself; later runs of a changed job go to OUT/v2, v3, ..."""
     return Path(out) if version == 1 else Path(out) / f"v{version}"
+
+
+def recipe_label(name: str, params: dict) -> str:
+    """A short, stable label for a recipe and its parameters, usable unquoted in SQL: the name,
+    then each parameter as key and value in key order (a decimal point becomes `p`, `max_tokens`
+    is `max`), and `_mean` for a recipe on the head mean: topk_k8_mean, threshold_t0p05,
+    topp_p0p9_mean, rollout_k8, dense_max64, head_stats. One label per recipe id."""
+    parts = [name]
+    for key, value in sorted(params.items()):
+        if key == "per_head":
+            continue
+        short = "max" if key == "max_tokens" else key
+        text = format(value, "g") if isinstance(value, float) else str(value)
+        parts.append(short + text.replace(".", "p").replace("-", "m").replace("+", ""))
+    if params.get("per_head") is False:
+        parts.append("mean")
+    return "_".join(parts)
+

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from ..errors import AttnpipeError
 
-SCHEMA_VERSION = 2  # every table's version; bumped together when the on-disk format changes
+SCHEMA_VERSION = 3  # every table's version; bumped together when the on-disk format changes
 WEIGHT_TYPES = {"float16": pa.float16(), "bfloat16": pa.float32(), "float32": pa.float32()}
 _TYPES = {
     "string": pa.string(), "bool": pa.bool_(), "int16": pa.int16(), "int32": pa.int32(),

@@ -102,8 +102,10 @@ class _TableWriter:
         """Columns with one value in the whole file: the recipe's name and parameters."""
         if self.recipe not in self.owner.recipes:
             return {}
-        return {c: v for c, v in zip(("recipe", "recipe_params"), self.owner.recipes[self.recipe])
-                if c in self.schema.names}
+        name, params = self.owner.recipes[self.recipe]
+        values = {"recipe": name, "recipe_params": params,
+                  "recipe_label": paths.recipe_label(name, json.loads(params))}
+        return {c: v for c, v in values.items() if c in self.schema.names}
 
     def buffer_schema(self, names) -> pa.Schema:
         """The buffered rows' schema: the columns the producer gives, `doc_index` as int32."""
@@ -175,7 +177,8 @@ class _TableWriter:
             self.writer = pq.ParquetWriter(
                 target, schema, compression="zstd", compression_level=ZSTD_LEVEL,
                 use_dictionary=[c for c in schema.names if c not in encoding],
-                column_encoding=encoding, write_statistics=True, store_schema=False)
+                column_encoding=encoding, write_statistics=True, store_schema=False,
+                write_page_checksum=True)  # CRC32 per page: readers that verify them catch bit flips
             # Without store_schema, pyarrow drops the schema's metadata: write it to the footer.
             self.writer.add_key_value_metadata(schema.metadata)
             self.rows_in_file = 0
@@ -239,7 +242,9 @@ class ShardWriter:
         meta = {"attnpipe.table": table, "attnpipe.schema_version": str(declared.version),
                 "attnpipe.provenance": self.provenance}
         if recipe in self.recipes:  # every row of the file comes from this one recipe
-            meta["attnpipe.recipe"], meta["attnpipe.recipe_params"] = self.recipes[recipe]
+            name, params = self.recipes[recipe]
+            meta["attnpipe.recipe"], meta["attnpipe.recipe_params"] = name, params
+            meta["attnpipe.recipe_label"] = paths.recipe_label(name, json.loads(params))
         return schema.with_metadata(meta)
 
     @property
