@@ -70,6 +70,12 @@ def run(job_file, output, limit, device, dtype, model_name, num_shards, batch_to
         "model.name": model_name, "run.num_shards": num_shards, "run.batch_tokens": batch_tokens,
         "run.executor": executor or ("dask" if workers or scheduler else None), "run.workers": workers,
         "run.scheduler": scheduler, "run.retries": retries})
+    if str(job.output_dir()).startswith("memory://"):
+        from .errors import JobError
+
+        raise JobError(f"output {job.output_dir()}: memory:// data lives only inside the process that writes "
+                       "it and would be gone when this command ends; write to a folder or a persistent URL "
+                       "(s3://, gs://, ...), or use memory:// from Python (attnpipe.run)")
     show_notes(quiet)
     if dry_run:  # no torch, no model, nothing written
         import datasets

@@ -20,12 +20,15 @@ from ..errors import ReadError
 from ..store import paths
 from ..store.commit import read_records
 from ..store.dataset import check_format, read_info, versions
+from .remote import is_url, mirror
 
 log = logging.getLogger("attnpipe")
 
 
 def open_dataset(path: str | Path) -> "AttnDataset":
-    """Open the attnpipe output folder `path` (OUT, or one of its later versions OUT/v2, ...)."""
+    """Open the attnpipe output folder `path` (OUT, or one of its later versions OUT/v2, ...), or
+    an output at an fsspec URL (s3://bucket/attn, ...), whose committed files are mirrored into a
+    local cache first."""
     return AttnDataset(path)
 
 
@@ -41,10 +44,12 @@ class AttnDataset:
     """
 
     def __init__(self, path: str | Path):
-        if "://" in str(path) and not str(path).startswith("file://"):
-            raise ReadError(f"{path}: the read side opens local folders; copy the dataset down first "
-                            "(e.g. `aws s3 sync`), or use `attnpipe files` and your own reader")
-        self.path = Path(path)
+        # A URL (s3://, gs://, memory://, ...): its committed files are mirrored into a local
+        # cache, checked against their records, and read from there (see remote.py).
+        self.source = str(path)
+        if is_url(path):
+            path = mirror(str(path))
+        self.path = Path(str(path).removeprefix("file://"))
         if not self.path.is_dir():
             raise ReadError(f"{self.path} is not a folder; give the output folder of an attnpipe run")
         check_format(self.path)
@@ -60,7 +65,7 @@ class AttnDataset:
 
     def __repr__(self) -> str:
         tables = ", ".join(f"{t} ({v['rows']:,} rows)" for t, v in self.tables.items())
-        return f"AttnDataset({str(self.path)!r}: {tables})"
+        return f"AttnDataset({self.source!r}: {tables})"
 
     # --- what is there ------------------------------------------------------------------------
 
