@@ -1,48 +1,113 @@
-"""Read a text corpus with Hugging Face datasets and split it into deterministic shards.
+"""Open a corpus as one Arrow-backed `datasets.Dataset` and split it into deterministic shards.
 
-Local text, JSON/JSONL, CSV/TSV and Parquet files (or a folder or glob of them), folders written
-by `Dataset.save_to_disk`, and hub dataset names for users who are online.
+Local text, JSON/JSONL and CSV/TSV files are read exactly by `corpus_files` (text as one document
+per file, paragraph or line: `corpus.text_unit`); Parquet files, folders written by
+`Dataset.save_to_disk` and hub datasets (for users who are online) through `datasets`. Files come
+as one file, a folder (its files, not its subfolders) or a glob (`**` matches any depth). Every
+document of a local file keeps its file name and line, paragraph or row number.
 """
 
 from __future__ import annotations
 
-import codecs
-import csv
+import errno
+import fnmatch
 import glob
 import hashlib
-import itertools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import corpus_files as files_
 from . import hub
+from .corpus_files import SOURCE_COLUMNS, SOURCE_FILE, SOURCE_INDEX
 from .errors import CorpusError
 from .job import CorpusSpec
 
 SUFFIX_FORMAT = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json",
                  ".ndjson": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+WILDCARDS = "*?["
 
 
-def check_utf8(path: Path) -> None:
-    """Fail with the line number of the first byte that is not UTF-8."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    line, offset = 1, 0
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            try:
-                decoder.decode(chunk)
-            except UnicodeDecodeError as exc:
-                bad = offset + exc.start
-                line += chunk[: exc.start].count(b"\n")
-                raise CorpusError(f"corpus file {path} is not valid UTF-8: byte {bad} "
-                                  f"(line {line}) cannot be decoded; re-encode the file as UTF-8") from None
-            line += chunk.count(b"\n")
-            offset += len(chunk)
+# --- which files ----------------------------------------------------------------------------
+
+def _broken_link(path: Path) -> str | None:
+    """Why `path` (which exists as a name) cannot be opened: a dangling symlink or a loop."""
+    try:
+        os.stat(path)
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symlink loop"
+        target = os.readlink(path) if os.path.islink(path) else "?"
+        return f"is a dangling symlink (to {target})" if os.path.islink(path) else f"cannot be read: {exc.strerror}"
+
+
+def _usable(paths: list[Path], where: str) -> list[Path]:
+    """The files among `paths` (folders skipped); a broken link is refused, not skipped."""
+    out = []
+    for p in paths:
+        problem = _broken_link(p)
+        if problem:
+            raise CorpusError(f"corpus {where}: {p} {problem}; remove it or fix the link")
+        if p.is_file():
+            out.append(p)
+    return out
+
+
+def _glob_root(path: Path) -> Path:
+    """The folder a pattern's wildcards start below: the parent of its first wildcard part."""
+    parts = path.parts
+    first = next(i for i, part in enumerate(parts) if any(ch in part for ch in WILDCARDS))
+    return Path(*parts[:first]) if first else Path(".")
+
+
+def _match(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    """Glob matching by path component: `**` is any number of folders; names starting with '.'
+    match only a pattern part that starts with '.' (as glob)."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_match(parts[i:], pattern[1:]) for i in range(len(parts) + 1)
+                   if not any(p.startswith(".") for p in parts[:i]))
+    return bool(parts) and (not parts[0].startswith(".") or pattern[0].startswith(".")) \
+        and fnmatch.fnmatchcase(parts[0], pattern[0]) and _match(parts[1:], pattern[1:])
+
+
+def _walk(root: Path, pattern: tuple[str, ...], where: str) -> list[Path]:
+    """Files under `root` matching a `**` pattern. Symlinked folders are followed once: a link
+    back to a folder already walked (a loop) is refused rather than walked forty levels deep."""
+    found, seen = [], set()
+    for folder, dirs, names in os.walk(root, followlinks=True, onerror=None):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            raise CorpusError(f"corpus {where}: {folder} is a symlink to a folder that is already part of the "
+                              "corpus (a loop); remove the link or narrow the pattern")
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _broken_link(Path(folder) / d))
+        rel = Path(folder).relative_to(root).parts
+        found += [Path(folder) / n for n in names if _match(rel + (n,), pattern)]
+    return sorted(found)
+
+
+def _pattern_files(path: Path, where: str) -> tuple[list[Path], Path]:
+    root = _glob_root(path)
+    if "**" in path.parts:
+        files = _walk(root, path.relative_to(root).parts, where) if root.is_dir() else []
+    else:
+        files = sorted(Path(p) for p in glob.glob(str(path)))
+    return _usable(files, where), root
+
+
+def _folder_files(path: Path) -> list[Path]:
+    entries = sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIX_FORMAT)
+    return _usable(entries, f"folder {path}")
 
 
 def _format_of(files: list[Path], declared: str) -> str:
@@ -60,6 +125,8 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+# --- reading them -----------------------------------------------------------------------------
+
 def _parquet_rows(path: Path) -> int:
     try:
         return pq.read_metadata(path).num_rows
@@ -67,59 +134,71 @@ def _parquet_rows(path: Path) -> int:
         raise CorpusError(f"corpus file {path} is not a Parquet file, or it is damaged: {_first_line(exc)}") from None
 
 
-def _check_csv_header(path: Path, delimiter: str) -> None:
-    """pandas reads a first row with more fields than the header as an index plus shifted
-    columns (the text column silently holds another field); refuse that instead."""
+def _wanted(spec: CorpusSpec) -> list[str]:
+    cols = [spec.text_column] + ([spec.id_column] if spec.id_column else []) + list(spec.metadata_columns)
+    return list(dict.fromkeys(cols))
+
+
+def _read_file(f: Path, name: str, fmt: str, unit: str, spec: CorpusSpec) -> pa.Table:
+    if fmt == "text":
+        return files_.read_text(f, name, unit, spec.text_column)
+    if fmt == "json":
+        return files_.read_json(f, name, _wanted(spec), spec.text_column, spec.id_column)
+    delimiter = "\t" if f.suffix.lower() == ".tsv" else ","
+    return files_.read_csv(f, name, _wanted(spec), delimiter, spec.text_column, spec.id_column)
+
+
+def _concat(tables: list[pa.Table], files: list[Path]) -> pa.Table:
+    """One table; a column whose type differs between files is named with two of them."""
     try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            rows = (row for row in csv.reader(fh, delimiter=delimiter) if row)
-            header, first = next(rows, None), next(rows, None)
-    except csv.Error:
-        return  # e.g. a field over csv's size limit; the loader itself reports real syntax errors
-    if header and first and len(first) > len(header):
-        raise CorpusError(f"corpus file {path}: the first row has {len(first)} fields but the header has "
-                          f"{len(header)} ({', '.join(header)}); quote fields that contain {delimiter!r}")
+        return pa.concat_tables([t.replace_schema_metadata(None) for t in tables], promote_options="default")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        first = tables[0].schema
+        for t, f in zip(tables[1:], files[1:]):
+            for field in t.schema:
+                other = first.field(field.name).type
+                if field.type != other and pa.types.is_null(other) is False and not pa.types.is_null(field.type):
+                    raise CorpusError(f"corpus column {field.name!r} holds {other} values in {files[0]} but "
+                                      f"{field.type} in {f}; give every value of a column one type") from None
+        raise
 
 
-def _has_rows(files: list[Path], fmt: str) -> bool:
-    """Cheap emptiness check, so an empty corpus gets a clear error instead of a loader crash."""
+def _load_files(files: list[Path], root: Path, spec: CorpusSpec, unit: str) -> tuple[datasets.Dataset, list[str]]:
+    """The files as one Dataset with source columns, and the column names the files hold."""
+    fmt = _format_of(files, spec.format)
+    if spec.text_unit is not None and fmt != "text":
+        raise CorpusError(f"corpus.text_unit applies to text files only; {files[0]} is read as {fmt} (one "
+                          "document per record): remove text_unit")
+    names = [f.relative_to(root).as_posix() if f.is_relative_to(root) else f.name for f in files]
     if fmt == "parquet":
-        return sum(_parquet_rows(f) for f in files) > 0  # every footer: names a bad file up front
-    header = 1 if fmt == "csv" else 0  # a CSV with only its header line has no rows
-    for f in files:
-        with f.open("rb") as fh:
-            lines = (line for line in fh if line.strip())
-            if next(itertools.islice(lines, header, None), None) is not None:  # reads a few lines only
-                return True
-    return False
+        rows = [_parquet_rows(f) for f in files]  # every footer: names a bad file up front
+        if not sum(rows):
+            raise CorpusError(f"corpus {_where(files, root)} has no rows")
+        ds = _load_dataset(files, fmt)
+        table = files_.with_row_numbers(ds.data.table, names, rows)
+        return datasets.Dataset(datasets.table.InMemoryTable(table)), ds.column_names
+    tables = [_read_file(f, n, fmt, unit, spec) for f, n in zip(files, names)]
+    if fmt == "text":
+        columns = [spec.text_column]
+    else:
+        columns = list(dict.fromkeys(c for t in tables for c in json.loads(t.schema.metadata[b"columns"])))
+    table = _concat(tables, files)
+    return datasets.Dataset(datasets.table.InMemoryTable(table)), columns
 
 
-def _load_files(files: list[Path], fmt: str) -> datasets.Dataset:
-    if fmt in ("text", "json", "csv"):
-        for f in files:
-            check_utf8(f)
-    if not _has_rows(files, fmt):
-        raise CorpusError(f"corpus {files[0] if len(files) == 1 else files[0].parent} has no rows")
-    kwargs = {"delimiter": "\t"} if fmt == "csv" and files[0].suffix.lower() == ".tsv" else {}
-    if fmt == "csv":
-        for f in files:
-            _check_csv_header(f, kwargs.get("delimiter", ","))
+def _where(files: list[Path], root: Path) -> Path:
+    return files[0] if len(files) == 1 else root
+
+
+def _load_dataset(files: list[Path], fmt: str) -> datasets.Dataset:
     try:
-        return _load_dataset(files, fmt, kwargs)
-    except CorpusError as exc:
-        if len(files) == 1:
-            raise
-        for f in files:  # only on failure: find the file to name (datasets' error does not)
-            _load_dataset([f], fmt, kwargs)
-        raise CorpusError(f"could not read corpus {files[0].parent} ({len(files)} {fmt} files) "
-                          f"as one dataset: {str(exc).split(': ', 1)[-1]}") from None
-
-
-def _load_dataset(files: list[Path], fmt: str, kwargs: dict) -> datasets.Dataset:
-    try:
-        return datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train", **kwargs)
+        return datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train")
     except (datasets.exceptions.DatasetGenerationError, pa.ArrowException, ValueError) as exc:
-        raise CorpusError(f"could not read corpus {files[0]} as {fmt}: {_first_line(exc.__cause__ or exc)}") from None
+        if len(files) > 1:  # only on failure: find the file to name (datasets' error does not)
+            for f in files:
+                _load_dataset([f], fmt)
+        raise CorpusError(f"could not read corpus {files[0] if len(files) == 1 else files[0].parent} as {fmt}: "
+                          f"{_first_line(exc.__cause__ or exc)}") from None
 
 
 def _load_disk(path: Path, split: str) -> datasets.Dataset:
@@ -150,42 +229,58 @@ def _load_hub(name: str, split: str, tried: Path | None = None) -> datasets.Data
                           f"{_first_line(exc)}") from None
 
 
+def _open_local(spec: CorpusSpec, path: Path) -> tuple[datasets.Dataset, list[str]] | None:
+    """A local corpus, or None when `path` does not exist (maybe a hub name)."""
+    if any(ch in spec.path for ch in WILDCARDS):
+        files, root = _pattern_files(path, f"pattern {path}")
+        if not files:
+            raise CorpusError(f"corpus pattern {path} matches no file")
+        return _load_files(files, root, spec, spec.text_unit or "file")
+    if os.path.lexists(path) and not path.exists():  # never sent to the Hub
+        raise CorpusError(f"corpus path {path} {_broken_link(path)}; point corpus.path at the corpus itself")
+    if path.is_dir():
+        if spec.format == "disk" or (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            ds = _load_disk(path, spec.split)
+            return ds, ds.column_names
+        files = _folder_files(path)
+        if not files:
+            raise CorpusError(f"corpus folder {path} holds no .txt, .json(l), .csv or .parquet file "
+                              "(subfolders are not read: use a glob such as docs/**/*.txt)")
+        return _load_files(files, path, spec, spec.text_unit or "file")
+    if path.is_file():
+        return _load_files([path], path.parent, spec, spec.text_unit or "line")
+    return None
+
+
 def open_corpus(spec: CorpusSpec, base_dir: Path) -> datasets.Dataset:
-    """The whole corpus as one Dataset, columns checked, `limit` applied."""
+    """The whole corpus as one Dataset, columns and types checked, `limit` applied. Rows of local
+    files carry their source (SOURCE_FILE, SOURCE_INDEX columns)."""
     if spec.format == "hub":
         ds = _load_hub(spec.path, spec.split)
+        columns = ds.column_names
     else:
         path = Path(spec.path).expanduser()
         path = path if path.is_absolute() else base_dir / path
-        if any(ch in spec.path for ch in "*?["):
-            files = sorted(Path(p) for p in glob.glob(str(path)))
-            if not files:
-                raise CorpusError(f"corpus pattern {path} matches no file")
-            ds = _load_files(files, _format_of(files, spec.format))
-        elif path.is_dir():
-            if spec.format == "disk" or (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-                ds = _load_disk(path, spec.split)
-            else:
-                files = sorted(f for f in path.iterdir() if f.suffix.lower() in SUFFIX_FORMAT)
-                if not files:
-                    raise CorpusError(f"corpus folder {path} holds no .txt, .json(l), .csv or .parquet file")
-                ds = _load_files(files, _format_of(files, spec.format))
-        elif path.is_file():
-            ds = _load_files([path], _format_of([path], spec.format))
-        elif spec.format == "auto" and not hub.is_local_only(spec.path, base_dir):
+        opened = _open_local(spec, path)
+        if opened is None and spec.format == "auto" and not hub.is_local_only(spec.path, base_dir):
             ds = _load_hub(spec.path, spec.split, tried=hub.local_path(spec.path, base_dir))
-        else:
+            columns = ds.column_names
+        elif opened is None:
             raise CorpusError(f"corpus file not found: {hub.local_path(spec.path, base_dir)}")
-    _check_columns(ds, spec)
+        else:
+            ds, columns = opened
     if len(ds) == 0:
-        raise CorpusError(f"corpus {spec.path} has no rows")
+        _no_text(spec, 0)
+    _check_columns(columns, spec)
+    _check_types(ds, spec)
     if spec.limit is not None:
         ds = ds.select(range(min(spec.limit, len(ds))))
+    _check_has_text(ds, spec)
     return ds
 
 
-def _check_columns(ds: datasets.Dataset, spec: CorpusSpec) -> None:
-    cols = ds.column_names
+def _check_columns(columns: list[str], spec: CorpusSpec) -> None:
+    cols = [c for c in columns if c not in SOURCE_COLUMNS]
     wanted = [("corpus.text_column", spec.text_column)]
     wanted += [("corpus.id_column", spec.id_column)] if spec.id_column else []
     wanted += [("corpus.metadata_columns", c) for c in spec.metadata_columns]
@@ -193,6 +288,54 @@ def _check_columns(ds: datasets.Dataset, spec: CorpusSpec) -> None:
         if col not in cols:
             raise CorpusError(f"{key}: column {col!r} is not in corpus {spec.path}; "
                               f"columns: {', '.join(cols)}")
+
+
+def _row_name(ds: datasets.Dataset, row: int) -> str:
+    """'row 7' or 'row 7 (docs/a.jsonl, record 3)'."""
+    if SOURCE_FILE not in ds.column_names:
+        return f"row {row}"
+    source = ds.data.table.slice(row, 1)
+    name, index = source.column(SOURCE_FILE)[0].as_py(), source.column(SOURCE_INDEX)[0].as_py()
+    return f"row {row} ({name}" + (f", record {index})" if index is not None else ")")
+
+
+def _check_types(ds: datasets.Dataset, spec: CorpusSpec) -> None:
+    """Texts are strings, ids scalars: a number, list or mapping is refused, never stringified
+    (JSON and CSV files are checked value by value as they are read; this covers Parquet,
+    save_to_disk and hub datasets, whose columns are typed)."""
+    checks = [("corpus.text_column", spec.text_column, lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
+               "strings")]
+    if spec.id_column:
+        checks.append(("corpus.id_column", spec.id_column,
+                       lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
+                       or pa.types.is_floating(t) or pa.types.is_boolean(t), "strings or numbers"))
+    table = ds.data.table
+    for key, col, ok, valid in checks:
+        kind = table.schema.field(col).type
+        mixed = type(ds.features.get(col)).__name__ == "Json"  # datasets keeps mixed values as JSON strings
+        if pa.types.is_null(kind) or (ok(kind) and not mixed):
+            continue
+        valid_rows = pc.indices_nonzero(pc.is_valid(table.column(col)))
+        row = int(valid_rows[0].as_py()) if len(valid_rows) else 0
+        what = "values of mixed types (JSON)" if mixed else f"{kind} values"
+        raise CorpusError(f"{key} {col!r} holds {what}, e.g. {_row_name(ds, row)}; it must hold {valid}")
+
+
+def _check_has_text(ds: datasets.Dataset, spec: CorpusSpec) -> None:
+    """No rows, or only empty or whitespace documents: refused with one message in every format
+    (a run would write nothing but empty rows)."""
+    texts = ds.data.table.column(spec.text_column)
+    if ds._indices is not None:  # corpus.limit
+        texts = texts.take(ds._indices.column(0))
+    if pa.types.is_null(texts.type) or not pc.any(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(texts)), 0),
+                                                  skip_nulls=True).as_py():
+        _no_text(spec, len(ds))
+
+
+def _no_text(spec: CorpusSpec, rows: int) -> None:
+    limit = " (corpus.limit)" if spec.limit is not None and spec.limit <= rows else ""
+    raise CorpusError(f"corpus {spec.path} has no text: no rows, or only empty or whitespace documents "
+                      f"({rows} rows{limit}; blank lines are not documents); nothing to run")
 
 
 def text_sha1(text: str) -> str:
@@ -291,6 +434,16 @@ class Corpus:
     def metadata(self, rows: np.ndarray) -> dict[str, pa.Array]:
         """Metadata columns of `rows`, with their corpus Arrow types."""
         return {c: self.table.column(c).take(pa.array(rows)) for c in self.spec.metadata_columns}
+
+    def sources(self, rows: np.ndarray) -> dict[str, pa.Array]:
+        """documents.source_file and source_index of `rows`: the file (relative to the corpus
+        folder or the glob's root) and the 1-based line, paragraph or record number; null where
+        they do not apply (a whole-file document's index, a save_to_disk or hub corpus)."""
+        if SOURCE_FILE not in self.table.column_names:
+            return {"source_file": pa.nulls(len(rows), pa.string()), "source_index": pa.nulls(len(rows), pa.int64())}
+        take = pa.array(rows, pa.int64())
+        return {"source_file": self.table.column(SOURCE_FILE).take(take),
+                "source_index": self.table.column(SOURCE_INDEX).take(take)}
 
     def metadata_schema(self) -> pa.Schema:
         return pa.schema([self.table.schema.field(c) for c in self.spec.metadata_columns])

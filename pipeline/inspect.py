@@ -10,9 +10,10 @@ import pyarrow.dataset as pads
 from .errors import OutputError
 from .store import paths
 from .store.commit import read_records
-from .store.dataset import check_format, planned_shards, read_info, version_location, versions
+from .store.dataset import check_format, damaged_files, planned_shards, read_info, version_location, versions
 from .store.location import Location, as_location
 from .store.schema import load_schemas
+from .store.verify import parquet_format
 
 
 def open_table(out: Location | Path | str, table: str, records: dict | None = None) -> pads.Dataset:
@@ -22,7 +23,7 @@ def open_table(out: Location | Path | str, table: str, records: dict | None = No
     rels = [f["path"] for _, r in sorted(records.items()) for f in r["files"] if f["table"] == table]
     if not rels:
         raise OutputError(f"{loc} has no committed rows of table {table!r}")
-    return pads.dataset([loc.path(r) for r in rels], format="parquet", filesystem=loc.arrow_filesystem())
+    return pads.dataset([loc.path(r) for r in rels], format=parquet_format(), filesystem=loc.arrow_filesystem())
 
 
 def summarize(out: Location | Path | str) -> dict:
@@ -39,7 +40,8 @@ def summarize(out: Location | Path | str) -> dict:
         files = [f for r in records.values() for f in r["files"] if f["table"] == name]
         if not files:
             continue
-        gone = [f["path"] for f in files if not out.isfile(f["path"]) or out.size(f["path"]) != f["bytes"]]
+        # Missing, truncated or changed (sha256): never summarised as complete.
+        gone = damaged_files(out, {"files": files})
         missing += gone
         t = {"rows": sum(f["rows"] for f in files), "files": len(files), "schema_version": schema.version}
         layers = sorted({f["layer"] for f in files if f["layer"] is not None})
@@ -50,7 +52,7 @@ def summarize(out: Location | Path | str) -> dict:
         if names:
             t["recipes"] = names
         if "head" in schema.column_names and not gone:
-            heads = pads.dataset([out.path(f["path"]) for f in files], format="parquet",
+            heads = pads.dataset([out.path(f["path"]) for f in files], format=parquet_format(),
                                  filesystem=out.arrow_filesystem()).to_table(columns=["head"])
             t["heads"] = sorted(heads.column("head").unique().to_pylist())
         tables[name] = t

@@ -7,8 +7,10 @@ directory is relative to where you run `attnpipe`.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -24,6 +26,8 @@ from .store.paths import FORMAT_VERSION
 from .store.schema import SCHEMA_VERSION, load_schemas
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a job name is a folder name under out/
+MAX_SHARDS = 100_000
+LEASE_RANGE = (10.0, 86_400.0)  # run.lock_lease, seconds
 
 
 class _Section(BaseModel):
@@ -34,11 +38,22 @@ class _Section(BaseModel):
 class CorpusSpec(_Section):
     path: str
     format: Literal["auto", "text", "json", "csv", "parquet", "disk", "hub"] = "auto"
+    # What one document is in text files: a whole file, a paragraph (lines up to one or more
+    # blank lines) or a line. Default: "file" for a folder or glob (people who point a corpus at a
+    # folder of .txt files mean one document per file), "line" for a single .txt file.
+    text_unit: Literal["file", "paragraph", "line"] | None = None
     split: str = "train"
     text_column: str = "text"
     id_column: str | None = None
     metadata_columns: list[str] = Field(default_factory=list)
     limit: int | None = Field(default=None, ge=1)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.strip():  # "" would read the job file's own folder
+            raise ValueError("must name a file, folder, glob or hub dataset, not an empty path")
+        return value
 
 
 class ModelSpec(_Section):
@@ -57,7 +72,9 @@ class ModelSpec(_Section):
 
 class RunSpec(_Section):
     output: str | None = None
-    num_shards: int = Field(default=1, ge=1)
+    # At most MAX_SHARDS: every shard is a commit record and files per table, which status,
+    # verify and reruns read; shards past the corpus rows would be empty and are never planned.
+    num_shards: int = Field(default=1, ge=1, le=MAX_SHARDS)
     # Padded tokens per forward pass (batch x longest window). 8192 keeps a 6-layer, 12-head
     # float32 model under ~1 GiB of attention maps per layer on CPU or GPU.
     batch_tokens: int = Field(default=8192, ge=1)
@@ -76,8 +93,11 @@ class RunSpec(_Section):
     # Rows wait in memory before they are written; this caps them, whatever the shard's size.
     buffer_mb: int = Field(default=64, ge=1)
     # A lock not renewed for this many seconds belongs to a dead run (on another host) and is
-    # taken over; the holder renews it every lease/4 seconds.
-    lock_lease: float = Field(default=900.0, gt=0)
+    # taken over; the holder renews it every lease/4 seconds. At least 10 s: a live run that
+    # pauses longer than the lease (swap, a busy network filesystem, a suspended laptop) loses
+    # its lock to a second run and both fail. At most a day: a run killed on another host blocks
+    # the output for the whole lease.
+    lock_lease: float = Field(default=900.0, ge=LEASE_RANGE[0], le=LEASE_RANGE[1])
     # Where shards run: in this process, or as tasks on Dask (a local cluster of `workers`
     # processes, one per GPU with dask-cuda, or the cluster whose scheduler is `scheduler`).
     executor: Literal["local", "dask"] = "local"
@@ -86,6 +106,13 @@ class RunSpec(_Section):
     # Attempts after the first for a shard that raised; a shard that still fails is recorded
     # in _failures/ and the job exits non-zero once the other shards are done.
     retries: int = Field(default=2, ge=0)
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():  # "" would silently mean out/<name>
+            raise ValueError("must name a folder or URL, not an empty path (leave run.output out for out/<name>)")
+        return value
 
     @field_validator("device")
     @classmethod
@@ -193,6 +220,7 @@ def _set_override(data: dict, dotted: str, value: Any) -> None:
 def build_job(data: dict, source: str = "job", base_dir: str | Path = ".",
               overrides: dict[str, Any] | None = None) -> JobSpec:
     """Validate a job from a dict (a parsed TOML file) plus dotted-key overrides."""
+    _check_values(data, source)
     data = json.loads(json.dumps(data))  # deep copy, plain types
     for dotted, value in (overrides or {}).items():
         if value is not None:
@@ -221,6 +249,22 @@ def build_job(data: dict, source: str = "job", base_dir: str | Path = ".",
     return job
 
 
+def _check_values(node: Any, source: str, where: str = "") -> None:
+    """TOML dates and times, and inf or nan, are never valid job values (and would otherwise
+    reach a traceback or an endless lease); refuse them with the key that holds them."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _check_values(value, source, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_values(value, source, f"{where}[{i}]")
+    elif isinstance(node, (datetime.date, datetime.time)):  # datetime is a date
+        raise JobError(f"{source}: '{where}': a TOML date or time ({node.isoformat()}) is not valid here; "
+                       "quote it if you meant a string, or give a number")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise JobError(f"{source}: '{where}': {node} is not valid here; give a finite number")
+
+
 def _check_metadata_columns(corpus: CorpusSpec, source: str) -> None:
     reserved = load_schemas()["documents"].column_names
     seen = set()
@@ -239,7 +283,7 @@ def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobSp
     if not path.is_file():
         raise JobError(f"job file not found: {path}")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # editors on Windows write a BOM
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise JobError(f"{path}: not valid TOML: {exc}") from None
     data.setdefault("name", path.stem)

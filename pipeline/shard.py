@@ -296,7 +296,8 @@ def _tokenize_chunk(writer: ShardWriter, background: BackgroundWriter, rt: Runti
     rows = docs.rows[part]
     texts = rt.corpus.texts(rows)
     windows = tokenize(tok, texts, rt.window_length, job.model.stride)
-    doc_cols = {**document_columns(docs, part, windows, texts, job.model.stride), **rt.corpus.metadata(rows)}
+    doc_cols = {**document_columns(docs, part, windows, texts, job.model.stride), **rt.corpus.sources(rows),
+                **rt.corpus.metadata(rows)}
     background.put(lambda: writer.write_batch("documents", doc_cols, extra=rt.corpus.metadata_schema()))
     token_cols = token_columns(docs.doc_ids[part], windows, tok)
     background.put(lambda: writer.write_batch("tokens", token_cols))

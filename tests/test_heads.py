@@ -104,7 +104,7 @@ def test_heads_cli_formats(data, tmp_path):
     assert [r["label"] for r in js] == atlas["label"].tolist()
     assert {"first_mass", "first_mass_std", "evidence", "family"} <= set(js[0])
     rules = tmp_path / "r.toml"
-    rules.write_text("broad_entropy = 0.0\npositional = 2\nfixed_token = 2\npunctuation = 2\nspecial = 2\n")
+    rules.write_text("broad_entropy = 0.0\npositional = 1\nfixed_token = 1\npunctuation = 1\nspecial = 1\n")
     everything_broad = json.loads(invoke("heads", data["dense"], "--format", "json", "--rules", rules).output)
     assert {r["label"] for r in everything_broad} == {"broad"}
     out = tmp_path / "atlas.csv"

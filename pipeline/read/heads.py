@@ -25,6 +25,7 @@ Every threshold can be changed: `Rules(positional=0.4)`, or a TOML/JSON file of 
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -54,27 +55,43 @@ class Rules:
     focused_entropy: float = 0.35  # normalised entropy at most this, with no fixed target above
 
 
+# Thresholds on fractions (masses, normalised entropy) lie in [0, 1]; the distance is in tokens.
+FRACTIONS = ("positional", "fixed_token", "punctuation", "special", "broad_entropy", "focused_entropy")
+
+
 def load_rules(path: str | Path | None = None, **overrides) -> Rules:
     """Rules from a TOML or JSON file of threshold keys (and/or keyword overrides)."""
-    values: dict = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-            values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-        except OSError as exc:
-            raise ReadError(f"cannot read rules file {path}: {exc.strerror or exc}") from None
-        except (ValueError, tomllib.TOMLDecodeError) as exc:
-            raise ReadError(f"rules file {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from None
-        values = values.get("rules", values) if isinstance(values, dict) else values
+    values = _read_rules(Path(path)) if path is not None else {}
     values.update(overrides)
+    where = f" in {path}" if path else ""
     known = {f.name for f in fields(Rules)}
     for key, value in values.items():
         if key not in known:
-            raise ReadError(f"unknown head rule {key!r}{f' in {path}' if path else ''}; rules: {', '.join(sorted(known))}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ReadError(f"head rule {key} must be a number, got {value!r}")
+            raise ReadError(f"unknown head rule {key!r}{where}; rules: {', '.join(sorted(known))}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ReadError(f"head rule {key}{where} must be a number, got {value!r}")
+        if key in FRACTIONS and not 0 <= value <= 1:
+            raise ReadError(f"head rule {key}{where} is a fraction: give a number from 0 to 1, got {value!r}")
+        if key == "local_distance" and value <= 0:
+            raise ReadError(f"head rule {key}{where} is a distance in tokens: give a number above 0, got {value!r}")
     return replace(Rules(), **{k: float(v) for k, v in values.items()})
+
+
+def _read_rules(path: Path) -> dict:
+    """The threshold keys of a rules file: a table of them, or under [rules]."""
+    kind = "JSON" if path.suffix == ".json" else "TOML"
+    try:
+        text = path.read_text(encoding="utf-8")
+        values = json.loads(text) if kind == "JSON" else tomllib.loads(text)
+    except OSError as exc:
+        raise ReadError(f"cannot read rules file {path}: {exc.strerror or exc}") from None
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise ReadError(f"rules file {path} is not valid {kind}: {exc}") from None
+    values = values.get("rules", values) if isinstance(values, dict) else values
+    if not isinstance(values, dict):
+        raise ReadError(f"rules file {path} must hold a table of thresholds (e.g. positional = 0.5), "
+                        f"got a {type(values).__name__}")
+    return dict(values)
 
 
 def atlas_sql(params: str | None = None) -> str:

@@ -152,8 +152,27 @@ def _rows(ds, table: str, where: dict, layer: int | None = None):
     files = _layer_files(ds, table, layer)
     if not files:
         return None
-    data = pads.dataset(files, format="parquet")
+    from ..store.verify import parquet_format
+
+    data = pads.dataset(files, format=parquet_format())
     return data.to_table(filter=_expression(where, data.schema)).to_pandas()
+
+
+def window_tokens(ds, doc_id: str, window_index: int = 0):
+    """The tokens of one window of a document; an empty document is named as such (it has a
+    documents row with empty = true and no tokens), not as missing."""
+    try:
+        return ds.tokens(doc_id, window_index)
+    except ReadError:
+        quoted = doc_id.replace("'", "''")
+        found = ds.sql(f"SELECT empty, windows FROM documents WHERE doc_id = '{quoted}'")
+        if len(found) and bool(found["empty"].iloc[0]):
+            raise ReadError(f"document {doc_id!r} is empty: its text has no tokens, so there is no "
+                            "attention to draw (its documents row says empty = true)") from None
+        if len(found):
+            raise ReadError(f"document {doc_id!r} has {int(found['windows'].iloc[0])} windows; "
+                            f"window {window_index} is not one of them (windows count from 0)") from None
+        raise
 
 
 def attention_matrix(ds, doc_id: str, layer: int, head: int, window_index: int = 0,
@@ -163,7 +182,7 @@ def attention_matrix(ds, doc_id: str, layer: int, head: int, window_index: int =
     if layer not in layers:
         raise ReadError(f"layer {layer} is not stored in {ds.path}; layers with maps or edges: "
                         f"{', '.join(map(str, layers)) or 'none (the job had no edges or dense recipe)'}")
-    tokens = ds.tokens(doc_id, window_index)
+    tokens = window_tokens(ds, doc_id, window_index)
     labels = [clean_token(t) for t in tokens["token"]]
     n = len(labels)
     where = {"doc_id": doc_id, "window_index": window_index, "layer": layer, "head": head}
@@ -224,7 +243,7 @@ def rollout_matrix(ds, doc_id: str, token: str | int, window_index: int = 0) -> 
     """(layers x key_pos) rollout weights of one query token, and the window's tokens."""
     if "rollout" not in ds.tables:
         raise ReadError(f"{ds.path} has no rollout table: add the rollout recipe to the job and run it")
-    tokens = ds.tokens(doc_id, window_index)
+    tokens = window_tokens(ds, doc_id, window_index)
     pos = find_token(tokens, token)
     rows = _rows(ds, "rollout", {"doc_id": doc_id, "window_index": window_index, "query_pos": pos})
     if rows is None or rows.empty:

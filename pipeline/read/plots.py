@@ -28,6 +28,7 @@ def _pyplot():
         raise ReadError("plots need matplotlib, which is not installed: pip install 'attnpipe[plot]'") from None
     matplotlib.use("Agg")  # files only: never a window, works without a display
     matplotlib.rcParams["svg.hashsalt"] = "attnpipe"  # the same SVG for the same data
+    matplotlib.rcParams["svg.fonttype"] = "none"  # text stays text (searchable, small); matplotlib escapes it
     import matplotlib.pyplot as plt
 
     return plt

@@ -13,6 +13,8 @@ Two locks, so that one failing does not open the other:
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import duckdb
@@ -38,21 +40,31 @@ JOIN tokens k ON k.doc_id = e.doc_id AND k.window_index = e.window_index AND k.p
 # DESCRIBE, SHOW, SUMMARIZE, VALUES and FROM-first all parse as SELECT; EXPLAIN is checked on the
 # statement it explains (EXPLAIN ANALYZE runs it).
 _READ_ONLY = {"SELECT"}
-_REFUSED = {
-    "INSERT": "INSERT writes rows", "UPDATE": "UPDATE writes rows", "DELETE": "DELETE writes rows",
-    "CREATE": "CREATE makes tables, views or secrets", "DROP": "DROP removes tables or views",
-    "ALTER": "ALTER changes tables", "COPY": "COPY reads or writes files outside the dataset's views",
-    "EXPORT": "EXPORT DATABASE writes files", "ATTACH": "ATTACH opens another database",
-    "DETACH": "DETACH changes the attached databases", "LOAD": "INSTALL/LOAD of extensions",
-    "SET": "SET/RESET/USE changes settings", "PRAGMA": "PRAGMA changes settings (use DESCRIBE or SHOW)",
-    "TRANSACTION": "transactions", "VACUUM": "VACUUM", "ANALYZE": "ANALYZE",
-    "PREPARE": "PREPARE", "EXECUTE": "EXECUTE", "VARIABLE_SET": "SET VARIABLE changes settings",
-    "CALL": "CALL (write SELECT * FROM function(...))",
-    "COPY_DATABASE": "COPY FROM DATABASE writes files", "CREATE_FUNC": "CREATE FUNCTION/MACRO",
+# Why each statement is refused, by the words it starts with. DuckDB's statement kinds do not name
+# them (ANALYZE parses as VACUUM, COPY FROM DATABASE and IMPORT DATABASE as PRAGMA, CHECKPOINT as
+# CALL, UPDATE EXTENSIONS has no kind in Python), so the refusal names what the user wrote.
+_WHY = {
+    "INSERT": "writes rows", "UPDATE": "writes rows", "DELETE": "writes rows", "MERGE": "writes rows",
+    "TRUNCATE": "removes rows", "CREATE": "makes tables, views, functions or secrets",
+    "DROP": "removes tables, views or secrets", "ALTER": "changes tables", "COMMENT": "changes the catalog",
+    "COPY": "reads or writes files outside the dataset's views",
+    "COPY FROM DATABASE": "copies a database", "EXPORT": "writes files", "IMPORT": "reads files into tables",
+    "ATTACH": "opens another database", "DETACH": "changes the attached databases",
+    "INSTALL": "installs extensions", "LOAD": "loads extensions", "FORCE": "installs or writes",
+    "UPDATE EXTENSIONS": "updates installed extensions",
+    "SET": "changes settings", "RESET": "changes settings", "USE": "changes the default database",
+    "PRAGMA": "changes settings (use DESCRIBE or SHOW)", "VACUUM": "rewrites the database",
+    "ANALYZE": "gathers statistics into the database", "CHECKPOINT": "writes the database",
+    "BEGIN": "starts a transaction", "START": "starts a transaction", "COMMIT": "ends a transaction",
+    "END": "ends a transaction", "ROLLBACK": "ends a transaction", "ABORT": "ends a transaction",
+    "TRANSACTION": "controls transactions", "PREPARE": "prepares statements", "EXECUTE": "runs prepared statements",
+    "DEALLOCATE": "removes prepared statements", "CALL": "runs a procedure (write SELECT * FROM function(...))",
+    "MULTI": "several statements",
 }
 ALLOWED = "SELECT, WITH, VALUES, FROM, DESCRIBE, SHOW, SUMMARIZE and EXPLAIN"
 _QUERY_START = re.compile(r"^[\s(]*(SELECT|WITH|FROM|PIVOT|UNPIVOT)\b", re.IGNORECASE)
 _EXPLAIN = re.compile(r"^\s*EXPLAIN\s+(?:\(.*?\)\s*)?(?:ANALY[SZ]E\s+)?", re.IGNORECASE | re.DOTALL)
+_COMMENTS = re.compile(r"^(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/)*", re.DOTALL)
 
 
 def _sql_list(values: list[str]) -> str:
@@ -60,16 +72,36 @@ def _sql_list(values: list[str]) -> str:
 
 
 def _kind(statement) -> str:
-    return getattr(statement.type, "name", str(statement.type)).upper()
+    try:
+        return getattr(statement.type, "name", str(statement.type)).upper()
+    except ValueError:  # a kind this DuckDB has no name for in Python (UPDATE EXTENSIONS, ...)
+        return "UNKNOWN"
+
+
+def statement_name(sql: str, kind: str | None = None) -> str:
+    """The refused statement as the user wrote it: its first words (COPY FROM DATABASE, ANALYZE,
+    UPDATE EXTENSIONS), or DuckDB's kind when it starts with a word we do not refuse (WITH ... INSERT)."""
+    words = re.findall(r"[A-Za-z_]+", _COMMENTS.sub("", sql, count=1))[:3]
+    words = [w.upper() for w in words]
+    for n in (3, 2, 1):
+        name = " ".join(words[:n])
+        if len(words) >= n and name in _WHY:
+            return name
+    return kind or (words[0] if words else "this statement")
+
+
+def _refusal(sql: str, kind: str | None = None) -> QueryError:
+    name = statement_name(sql, kind)
+    why = _WHY.get(name, _WHY.get(name.split()[0], "is not read-only"))
+    return QueryError(f"refused: {name} ({why}); attnpipe query is read-only and runs only {ALLOWED}")
 
 
 def check_read_only(sql: str) -> str:
     """The one statement of `sql`, if it only reads; otherwise a QueryError naming what is refused."""
     try:
         statements = duckdb.extract_statements(sql)
-    except ValueError:  # a statement kind this DuckDB has no name for in Python (UPDATE EXTENSIONS, ...)
-        raise QueryError(f"refused: {sql.strip().split()[0].upper()} is not read-only; "
-                         f"attnpipe query runs only {ALLOWED}") from None
+    except ValueError:  # as in _kind, in DuckDB versions that name the kind while extracting
+        raise _refusal(sql) from None
     except duckdb.Error as exc:
         raise QueryError(f"SQL error: {_first_line(exc)}") from None
     if not statements:
@@ -85,10 +117,7 @@ def check_read_only(sql: str) -> str:
     if kind == "MULTI" and _QUERY_START.match(statement.query):
         return sql  # PIVOT without an IN list: DuckDB first collects the pivot values, then selects
     if kind not in _READ_ONLY:
-        if kind == "MULTI":  # several parts (CREATE TABLE ... AS PIVOT ...): name it by its first word
-            kind = (statement.query.split() or ["MULTI"])[0].upper()
-        what = _REFUSED.get(kind, f"{kind} statements")
-        raise QueryError(f"refused: {what}; attnpipe query is read-only and runs only {ALLOWED}")
+        raise _refusal(statement.query, None if kind == "UNKNOWN" else kind)
     return sql
 
 
@@ -104,14 +133,27 @@ class Query:
         self.label = label
         self.tables = sorted(t for t, fs in files.items() if fs)
         allowed = sorted(str(Path(f).resolve()) for fs in files.values() for f in fs)
+        # DuckDB adds its temp folder to the allowed paths, and the default is ./.tmp of the
+        # current folder: a user's own files (or a .tmp symlink to /etc) would become readable.
+        # A fresh private folder of our own (0700, random name, removed on close) holds only
+        # DuckDB's spill files, so large sorts still spill to disk.
+        self._temp = tempfile.mkdtemp(prefix="attnpipe-duckdb-")
         # Extension autoloading off before anything can trigger it; parquet and json are built in.
         self.con = duckdb.connect(config={"autoinstall_known_extensions": False,
                                           "autoload_known_extensions": False,
-                                          "allow_community_extensions": False})
+                                          "allow_community_extensions": False,
+                                          "temp_directory": self._temp})
         self.con.execute(f"SET allowed_paths = {_sql_list(allowed)}")
         self.con.execute("SET allowed_directories = []")
         self.con.execute("SET enable_external_access = false")
         self.con.execute("SET lock_configuration = true")
+        try:
+            self._views(files)
+        except duckdb.Error as exc:  # a committed file that is not readable Parquet any more
+            self.close()
+            raise damaged(label, _first_line(exc)) from None
+
+    def _views(self, files: dict[str, list[Path]]) -> None:
         for table in self.tables:
             paths = [str(Path(f).resolve()) for f in files[table]]
             self.con.execute(f'CREATE VIEW "{table}" AS SELECT * FROM read_parquet({_sql_list(paths)})')
@@ -154,14 +196,25 @@ class Query:
             what = f"reading {target.group(1)}" if target else "file access"
             return QueryError(f"refused: {what}: queries read only the committed files of {self.label}, "
                               f"through the views {', '.join(self.views)}")
+        if isinstance(exc, (duckdb.IOException, duckdb.InvalidInputException)) and self._about_files(line):
+            return damaged(self.label, line)
         if isinstance(exc, duckdb.CatalogException):
             missing = re.search(r"with name (\S+) does not exist", line)
             if missing:
                 return QueryError(f"{line} (the views of {self.label}: {', '.join(self.views) or 'none'})")
         return QueryError(f"SQL error: {line}")
 
+    def _about_files(self, line: str) -> bool:
+        """Whether DuckDB's error is about reading one of the committed files."""
+        return "parquet" in line.lower() or any(t in line for t in ("No files found", "No such file"))
+
     def close(self) -> None:
         self.con.close()
+        shutil.rmtree(self._temp, ignore_errors=True)
+
+
+def damaged(label: str, detail: str) -> QueryError:
+    return QueryError(f"the data of {label} is damaged ({detail}); 'attnpipe verify {label}' tells more")
 
 
 def reader_of(table: pa.Table | pa.RecordBatchReader) -> pa.RecordBatchReader:

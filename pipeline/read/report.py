@@ -38,6 +38,10 @@ def choose_documents(ds, wanted: list[str] | None, count: int) -> list[str]:
     if wanted:
         missing = [d for d in wanted if d not in set(known["doc_id"])]
         if missing:
+            quoted = missing[0].replace("'", "''")
+            if len(ds.sql(f"SELECT 1 FROM documents WHERE doc_id = '{quoted}' AND empty")):
+                raise ReadError(f"document {missing[0]!r} is empty: its text has no tokens, so there is no "
+                                "attention to show (its documents row says empty = true)")
             raise ReadError(f"document {missing[0]!r} is not in {ds.path}; e.g. {', '.join(known['doc_id'][:3])}")
         return list(wanted)
     short = known[(known["windows"] == 1) & (known["content_tokens"] <= MAX_VIEW_TOKENS - 2)]
@@ -174,8 +178,20 @@ def _heatmaps_section(ds, doc_ids: list[str]) -> str:
     return f'<section id="heatmaps"><h2>Heatmaps ({_e(head_name(-1))})</h2><div class="figs">{body}</div></section>'
 
 
+# Inside <script>, '<!--' and '<script' change how the HTML parser looks for the end of the
+# block, '</' can end it, and U+2028/9 end lines in older JS parsers: none may appear
+# as written. JSON's \\u escapes keep the parsed data identical.
+_SCRIPT_SAFE = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026",
+                              "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def script_json(data) -> str:
+    """`data` as JSON that no string inside it can end or alter a <script> block."""
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).translate(_SCRIPT_SAFE)
+
+
 def _head_view_section(data: dict) -> str:
-    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    payload = script_json(data)
     script = (ASSETS / "head_view.js").read_text(encoding="utf-8")
     return (f'<section id="head-view"><h2>Interactive head view</h2>'
             f'<div id="hv-controls"><label>document <select id="hv-doc"></select></label>'
@@ -214,6 +230,9 @@ def build_report(ds, docs: list[str] | None = None, count: int = 3, rules=None) 
 
 
 def write_report(ds, out: str | Path, docs: list[str] | None = None, count: int = 3, rules=None) -> Path:
+    from .output import refuse_inside
+
+    refuse_inside(out, ds.path)
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
         raise ReadError(f"the report is one HTML file: name it .html, not {out.name}")

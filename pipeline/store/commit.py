@@ -10,8 +10,9 @@ the records never see them, and the next run (holding the lock) deletes them.
 from __future__ import annotations
 
 import json
+import re
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .. import faults
 from ..errors import OutputError
@@ -20,6 +21,7 @@ from .location import Location, as_location
 from .writer import FileInfo
 
 RECORD_VERSION = 1
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _json(data: dict) -> bytes:
@@ -82,7 +84,76 @@ def _parse_record(text: str, where: str) -> dict:
                           "on the folder, or move the record away to redo its shard") from None
     if not isinstance(record, dict) or "files" not in record or "shard" not in record:
         raise OutputError(f"commit record {where} is not an attnpipe record; move it away")
+    problem = record_problem(record)
+    if problem:
+        raise OutputError(f"commit record {where}: {problem}; move the record away to redo its shard")
     return record
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _file_problem(i: int, f) -> str | None:
+    """What is wrong with entry `i` of a record's files, if anything."""
+    from .schema import load_schemas
+
+    if not isinstance(f, dict):
+        return f"files[{i}] must be an object, got {json.dumps(f)}"
+    for key, ok, valid in (("table", lambda v: v in load_schemas(), f"one of {', '.join(load_schemas())}"),
+                           ("path", lambda v: isinstance(v, str), "a relative path"),
+                           ("rows", _count, "a count"), ("bytes", _count, "a count"),
+                           ("sha256", lambda v: isinstance(v, str) and _SHA256.match(v), "64 hex digits"),
+                           ("layer", lambda v: v is None or _count(v), "a layer number or null"),
+                           ("recipe", lambda v: v is None or _count(v), "a recipe index or null")):
+        if key not in f:
+            return f"files[{i}] has no key '{key}'"
+        if not ok(f[key]):
+            return f"files[{i}].{key} must be {valid}, got {json.dumps(f[key])}"
+    path = PurePosixPath(f["path"])
+    # Readers open exactly these paths: nothing outside the table's own folder, never '..'.
+    if path.parts[:1] != (f["table"],) or ".." in path.parts or not paths.DATA_FILE.match(path.name):
+        return f"files[{i}].path {json.dumps(f['path'])} is not a data file of table {f['table']!r}"
+    return None
+
+
+def record_problem(record: dict) -> str | None:
+    """The first thing that makes `record` unusable, naming the key; None for a sound record.
+    Checks types, that no file is listed twice, and that the totals agree with the files."""
+    if not _count(record["shard"]):
+        return f"key 'shard' must be a shard number, got {json.dumps(record['shard'])}"
+    files = record["files"]
+    if not isinstance(files, list):
+        return f"key 'files' must be a list of file entries, got {json.dumps(files)}"
+    seen: set[str] = set()
+    for i, f in enumerate(files):
+        problem = _file_problem(i, f)
+        if problem:
+            return problem
+        if f["path"] in seen:
+            return f"files[{i}] lists {f['path']} a second time"
+        seen.add(f["path"])
+    return _totals_problem(record)
+
+
+def _totals_problem(record: dict) -> str | None:
+    """Totals that disagree with the files' rows (an edited record would change `status`)."""
+    per_table: dict[str, int] = {}
+    for f in record["files"]:
+        per_table[f["table"]] = per_table.get(f["table"], 0) + f["rows"]
+    rows = record.get("rows", per_table)
+    if not isinstance(rows, dict) or not all(_count(v) for v in rows.values()):
+        return f"key 'rows' must map tables to row counts, got {json.dumps(rows)}"
+    for table in sorted(set(rows) | set(per_table)):
+        if rows.get(table, 0) != per_table.get(table, 0):
+            return f"rows.{table} is {rows.get(table, 0)} but its files hold {per_table.get(table, 0)} rows"
+    for key, table in (("documents", "documents"), ("tokens", "tokens")):
+        if key in record and record[key] != per_table.get(table, 0):
+            return f"key '{key}' is {json.dumps(record[key])} but its {table} files hold {per_table.get(table, 0)} rows"
+    for key in ("empty_documents", "windows", "repeated_texts"):
+        if key in record and not _count(record[key]):
+            return f"key '{key}' must be a count, got {json.dumps(record[key])}"
+    return None
 
 
 def read_record(path: Path | str, out: Location | None = None) -> dict:
@@ -106,10 +177,19 @@ def record_names(out: Location | Path | str) -> list[str]:
 def read_records(out: Location | Path | str) -> dict[int, dict]:
     """Every committed shard of `out`: shard -> its record."""
     loc = as_location(out)
-    records = {}
-    for rel in record_names(loc):
+    records: dict[int, dict] = {}
+    owner: dict[str, str] = {}  # data file -> the record listing it
+    for rel in sorted(record_names(loc)):
         record = read_record(rel, loc)
-        records[int(record["shard"])] = record
+        if PurePosixPath(rel).name != f"{paths.shard_name(record['shard'])}.json":
+            raise OutputError(f"commit record {loc.url(rel)}: key 'shard' is {record['shard']}, not the shard "
+                              "of its file name; move the record away to redo its shard")
+        for f in record["files"]:
+            if f["path"] in owner:
+                raise OutputError(f"commit records {owner[f['path']]} and {PurePosixPath(rel).name} both list "
+                                  f"{f['path']}; move the newer record away to redo its shard")
+            owner[f["path"]] = PurePosixPath(rel).name
+        records[record["shard"]] = record
     return records
 
 

@@ -29,10 +29,11 @@ class ShardSpec:
 
 def contiguous(rows: int, num_shards: int) -> list[list[int]]:
     """[start, stop) of each of `num_shards` shards, sizes differing by at most one (the split
-    of datasets' `Dataset.shard(contiguous=True)`); shards past the last row are empty."""
+    of datasets' `Dataset.shard(contiguous=True)`). Never more shards than rows: shards past the
+    last row would be empty, and a huge num_shards must not build a huge plan."""
     div, mod = divmod(rows, num_shards)
     bounds, start = [], 0
-    for i in range(num_shards):
+    for i in range(min(num_shards, rows)):
         stop = start + div + (1 if i < mod else 0)
         bounds.append([start, stop])
         start = stop
