@@ -130,14 +130,18 @@ def schema(table, as_json):
     chosen = [table_schema(table)] if table else list(load_schemas().values())
     for s in chosen:
         if as_json:
-            click.echo(json.dumps({"table": s.name, "version": s.version, "columns": list(s.columns)}, indent=2))
+            columns = [{**c, "type": stored[c["type"]].rstrip("*"), "weight_dtype": True} if c["type"] in stored
+                       else c for c in s.columns]
+            click.echo(json.dumps({"table": s.name, "version": s.version, "columns": columns}, indent=2))
             continue
         part = ", one folder per layer (layer-NNN)" if s.layer_folders else ""
         click.echo(click.style(f"{s.name}", bold=True) + f" (v{s.version}{part}): {s.description}")
         for c in s.columns:
-            click.echo(f"    {c['name']:<14} {c['type']:<14} {c['description']}")
+            click.echo(f"    {c['name']:<14} {stored.get(c['type'], c['type']):<14} {c['description']}")
         click.echo()
 
+    # Attention values are declared as 'value': stored at the job's run.weight_dtype.
+    stored = {"value": "float32*", "list<value>": "list<float32>*"}
 
 @cli.command()
 @click.argument("output", type=click.Path(file_okay=False))
@@ -147,6 +151,9 @@ def inspect(output, as_json):
     """Summarise an output directory: tables, row counts, layers, heads and provenance."""
     from .inspect import format_summary, summarize
 
+    if not as_json and any(c["type"] in stored for s in chosen for c in s.columns):
+        click.echo("* attention values: float32 (rounded to bfloat16 with the default run.weight_dtype, or "
+                   "full float32); float16 with run.weight_dtype = float16")
     s = summarize(output)
     click.echo(json.dumps(s, indent=2, default=str) if as_json else format_summary(s))
 
@@ -230,7 +237,24 @@ def _out_option(help_text: str):
 @click.option("--max-rows", type=click.IntRange(min=0), default=100, show_default=True,
               help="Rows shown by --format table (0: all); the other formats write every row.")
 @command_boundary
-def query(output, sql, fmt, out_file, max_rows):
+def query(output, sql, fmt, out_file, max_rows, max_width):
+def _open_read(output, out_file=None):
+    """open_dataset for the read commands: -o refused inside the dataset, and every committed
+    file checked against its record (size; sha256 within a budget) before anything reads it."""
+    from .read import open_dataset
+    from .read.output import refuse_inside
+    from .store.verify import check_committed
+
+    refuse_inside(out_file, output)
+    ds = open_dataset(output)
+    try:
+        check_committed(ds.path, ds.records)
+    except BaseException:
+        ds.close()
+        raise
+    return ds
+
+
     """Run one read-only SQL statement (DuckDB) over the committed tables of OUTPUT.
 
     Views: documents, tokens, head_stats, edges, rollout, maps (those the job wrote), and
@@ -239,15 +263,16 @@ def query(output, sql, fmt, out_file, max_rows):
     and reading any file but the committed ones are refused.
 
     Example: attnpipe query out/demo "SELECT key_token, weight FROM edges_tokens WHERE
+@click.option("--max-width", type=click.IntRange(min=0), default=40, show_default=True,
+              help="Longest text cell of --format table before it is cut with '…' (0: never cut).")
     doc_id = 'demo-0001' AND layer = 5 AND head = -1 AND query_token = 'it' ORDER BY weight DESC"
     """
     show_notes(quiet=False)
-    from .read import open_dataset
     from .read.output import write_result
 
-    with open_dataset(output) as ds:
+    with _open_read(output, out_file) as ds:
         reader = ds.query.fetch(ds.query.run(sql), "reader")
-        rows = write_result(reader, fmt, out_file, max_rows)
+        rows = write_result(reader, fmt, out_file, max_rows, max_width)
     if out_file:
         click.echo(f"wrote {rows:,} rows to {out_file}", err=True)
 
@@ -269,13 +294,12 @@ def heads(output, fmt, out_file, rules_file):
     show_notes(quiet=False)
     import pyarrow as pa
 
-    from .read import open_dataset
     from .read.heads import display_frame, head_atlas, load_rules
     from .read.output import write_result
     from .read.query import reader_of
 
     rules = load_rules(rules_file)
-    with open_dataset(output) as ds:
+    with _open_read(output, out_file) as ds:
         atlas = head_atlas(ds, rules)
     frame = display_frame(atlas) if fmt == "table" else atlas
     write_result(reader_of(pa.Table.from_pandas(frame, preserve_index=False)), fmt, out_file, max_rows=0)
@@ -318,15 +342,15 @@ def plot(output, out_file, doc_id, layer, head, window_index, grid_stat, rollout
     with its tokens (from maps, or from edges as a sparse view when no dense map was stored);
     with --grid a layers x heads grid of a statistic; with --rollout a rollout view."""
     show_notes(quiet=False)
-    from .read import open_dataset, plots
+    from .read import plots
     from .read.heads import head_atlas, load_rules
-    from .read.matrices import attention_matrix, crop, merge_words, parse_head, rollout_matrix
+    from .read.matrices import attention_matrix, crop, merge_words, parse_head, rollout_matrix, window_tokens
 
     if not out_file:
         raise click.UsageError("give the image to write with -o FILE.png or FILE.svg")
     plots.image_format(out_file)
     cropped = _span(span)
-    with open_dataset(output) as ds:
+    with _open_read(output, out_file) as ds:
         if grid_stat:
             fig = plots.grid_figure(head_atlas(ds, load_rules(rules_file)), grid_stat)
         else:
@@ -339,7 +363,7 @@ def plot(output, out_file, doc_id, layer, head, window_index, grid_stat, rollout
                 if layer is None or head is None:
                     raise click.UsageError("a heatmap needs --layer L and --head H (a number or 'mean')")
                 m = attention_matrix(ds, doc_id, layer, parse_head(head), window_index, recipe)
-                tokens, rows = ds.tokens(doc_id, window_index), True
+                tokens, rows = window_tokens(ds, doc_id, window_index), True
             if cropped:
                 m = crop(m, *cropped, rows=rows)
                 tokens = tokens.iloc[cropped[0]:cropped[1]]
@@ -365,13 +389,12 @@ def report(output, out_file, doc_ids, count, rules_file):
     and its grids, heatmaps of a few documents, and an interactive head view (pick a layer and a
     head, point at a token to see what it attends to). No network is needed to open it."""
     show_notes(quiet=False)
-    from .read import open_dataset
     from .read.heads import load_rules
     from .read.report import write_report
 
     if not out_file:
         raise click.UsageError("give the file to write with -o FILE.html")
-    with open_dataset(output) as ds:
+    with _open_read(output, out_file) as ds:
         path = write_report(ds, out_file, list(doc_ids) or None, count, load_rules(rules_file))
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)", err=True)
 
