@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -97,9 +98,10 @@ def read_text(path: Path, name: str, unit: str, text_column: str) -> pa.Table:
 
 # --- JSON and JSON Lines ------------------------------------------------------------------------
 
-def _json_records(path: Path, text: str) -> tuple[list[tuple[int, object]], str]:
+def _json_records(path: Path, text: str) -> tuple[Iterator[tuple[int, object]], str]:
     """((number, value) of each record, "line" or "element"): one record per non-blank line of
-    JSON Lines, or each element of a file that is one JSON list."""
+    JSON Lines (parsed as they are read, so only the wanted columns are kept), or each element
+    of a file that is one JSON list."""
     if text.lstrip().startswith("["):
         try:
             values = json.loads(text)
@@ -107,19 +109,21 @@ def _json_records(path: Path, text: str) -> tuple[list[tuple[int, object]], str]
             raise CorpusError(f"corpus file {path}, line {exc.lineno}: not valid JSON: {exc.msg} "
                               f"(column {exc.colno})") from None
         if isinstance(values, list):
-            return [(i + 1, v) for i, v in enumerate(values)], "element"
-    records = []
+            return enumerate(values, start=1), "element"
+    return _json_lines(path, text), "line"
+
+
+def _json_lines(path: Path, text: str) -> Iterator[tuple[int, object]]:
     for number, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
         try:
-            records.append((number, json.loads(line)))
+            yield number, json.loads(line)
         except json.JSONDecodeError as exc:
             whole = " (the file holds one JSON value over several lines: give one object per line, or a list of " \
-                    "objects)" if not records and _parses(text) else ""
+                    "objects)" if _parses(text) else ""
             raise CorpusError(f"corpus file {path}, line {number}: not valid JSON: {exc.msg} (column {exc.colno})"
                               + whole) from None
-    return records, "line"
 
 
 def _parses(text: str) -> bool:
@@ -131,26 +135,27 @@ def _parses(text: str) -> bool:
 
 
 def read_json(path: Path, name: str, wanted: list[str], text_column: str, id_column: str | None) -> pa.Table:
-    """Records -> a table of the `wanted` columns (a column no record has is missing; see
-    `columns_seen`). The text must be a string (or null: an empty document), the id a scalar;
+    """Records -> a table of the `wanted` columns (null where a file lacks one; the schema
+    metadata "columns" lists the columns the file holds). The text must be a string (or null: an empty document), the id a scalar;
     a column whose values mix types is refused, naming the lines of the first of each."""
     records, where = _json_records(path, decode(path))
     columns: dict[str, list] = {c: [] for c in wanted}
     seen: dict[str, None] = {}
+    lines = []
     for number, record in records:
         if not isinstance(record, dict):
             raise CorpusError(f"corpus file {path}, {where} {number}: {_type_name(record)}, not a JSON object "
                               "with named fields")
         seen.update(dict.fromkeys(record))
+        lines.append(number)
         for c in wanted:
             columns[c].append(record.get(c))
-    lines = [n for n, _ in records]
     _check_text(columns.get(text_column, []), lines, path, where, text_column)
     if id_column in columns:
         _check_ids(columns[id_column], lines, path, where, id_column)
     # A column this file lacks is null here (another file may have it; open_corpus checks that
     # some file does, from the "columns" metadata).
-    table = pa.table({c: _column(values, lines, path, where, c) if c in seen else pa.nulls(len(records))
+    table = pa.table({c: _column(values, lines, path, where, c) if c in seen else pa.nulls(len(lines))
                       for c, values in columns.items()}) if wanted else pa.table({})
     table = _with_source(table, name, lines)
     return table.replace_schema_metadata({"columns": json.dumps(list(seen))})
