@@ -142,6 +142,36 @@ class AttnDataset:
             raise ReadError(f"document {doc_id!r}{where} is not in {self.path} (see its documents table)")
         return df.sort_values(["window_index", "position"], ignore_index=True)
 
+    # --- heads, plots and the inline view --------------------------------------------------------
+
+    def heads(self, rules: Any = None):
+        """The head atlas (as `attnpipe heads`): one row per (layer, head), means and spreads of
+        head_stats and a label; `rules` a rules file path or a dict of thresholds."""
+        from .heads import head_atlas, load_rules
+
+        loaded = load_rules(**rules) if isinstance(rules, dict) else load_rules(rules)
+        return head_atlas(self, loaded)
+
+    def plot(self, doc_id: str, layer: int, head: int | str = "mean", window_index: int = 0,
+             words: bool = False):
+        """A heatmap of one document's attention (as `attnpipe plot`): a matplotlib Figure."""
+        from . import matrices, plots
+
+        m = matrices.attention_matrix(self, doc_id, layer, matrices.parse_head(head), window_index)
+        if words:
+            m = matrices.merge_words(m, matrices.window_tokens(self, doc_id, window_index))
+        return plots.matrix_figure(m)
+
+    def view(self, docs: list[str] | None = None, count: int = 5, height: int = 620):
+        """The interactive head view of `docs` (default: the first `count` documents), which
+        renders inline in Jupyter; `.save("view.html")` writes it as a page."""
+        from .notebook import HeadView, head_view_page
+
+        return HeadView(head_view_page(self, docs, count), height)
+
+    def _repr_html_(self) -> str:
+        return self.view()._repr_html_()
+
     # --- SQL ----------------------------------------------------------------------------------
 
     @property
