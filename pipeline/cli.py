@@ -85,14 +85,25 @@ def run(job_file, output, limit, device, dtype, model_name, num_shards, batch_to
         datasets.disable_progress_bars()
         click.echo(format_preview(preview(job, new_run=new_run)))
         return
-    quiet_libraries()
+    from .executor import Terminated, stop_on_sigterm
     from .executor import run as run_executor
+    from .runtime import quiet_libraries
+    from .words import plural
 
-    summary = run_executor(job, quiet=quiet, new_run=new_run)
+    quiet_libraries(quiet)
+    try:
+        with stop_on_sigterm():
+            summary = run_executor(job, quiet=quiet, new_run=new_run)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM: the run has cleaned up on its way out
+        how, code = ("SIGTERM", 143) if isinstance(exc, Terminated) else ("Ctrl-C (SIGINT)", 130)
+        click.echo(f"stopped by {how}: shards committed before it are kept in {job.output_dir()}, the "
+                   "unfinished one was removed and the lock released; rerun the same command to continue",
+                   err=True)
+        raise SystemExit(code) from None
     if not quiet:
         t = summary.totals
         skipped = f", {len(summary.shards_skipped)} already committed" if summary.shards_skipped else ""
-        click.echo(f"wrote {summary.output}: {len(summary.shards_run)} shards run{skipped}; "
+        click.echo(f"wrote {summary.output}: {plural(len(summary.shards_run), 'shard')} run{skipped}; "
                    f"{t['documents']} documents ({t['empty_documents']} empty), {t['windows']} windows, "
                    f"{t['tokens']} tokens")
         p = summary.provenance or {}
@@ -411,16 +422,6 @@ def show_notes(quiet: bool) -> None:
     log.handlers[:] = [_NoteHandler()]
     log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False
-
-
-def quiet_libraries() -> None:
-    """Our own progress bar is the progress: hide datasets' and transformers' load bars."""
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ an estimate, not a promise: compression depends on the data.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -24,7 +25,8 @@ from .recipes import RECIPES
 from .store.commit import read_records
 from .store.location import as_location
 from .store.dataset import check_format, damaged_files as _damaged, choose_output, read_info
-from .store.plan import make_plan, shard_specs
+from .store.plan import ShardSpec, make_plan, shard_specs
+from .words import plural
 
 SAMPLE_DOCS = 200  # documents tokenized for the tokens-per-character ratio
 SAMPLE_CHARS = 20_000  # characters of one sampled document that are tokenized (long ones are cut)
@@ -184,28 +186,38 @@ def estimate_size(job: JobSpec, shape: dict, full: np.ndarray, last: np.ndarray,
 
 # --- the preview -------------------------------------------------------------------------------
 
-def preview(job: JobSpec, new_run: bool = False) -> dict:
-    """What `attnpipe run` would do for `job`, computed without writing anything. Raises the
-    errors the run would raise before its first shard (a changed job, a changed corpus)."""
-    from .executor.base import check_inputs
-    from .runtime import open_job_corpus
+@dataclass
+class TokenEstimate:
+    """Tokens of the pending documents (corpus `rows`), estimated from a tokenizer sample."""
 
-    root = job.output_dir()
-    out = choose_output(root, job.fingerprint(), job.fingerprint_parts(), new_run)
-    exists = out.isdir()
-    if exists:
-        check_format(out)
-    info = read_info(out) if exists else None
-    records = read_records(out) if exists else {}
-    # As recover() would: a committed shard with a missing or truncated file is redone.
-    damaged = sorted(s for s, r in records.items() if _damaged(out, r))
-    committed = {s: r for s, r in records.items() if s not in damaged}
-    corpus = open_job_corpus(job)
-    plan = make_plan(len(corpus), job.run.num_shards, (info or {}).get("plan"), committed, job.corpus.limit)
-    check_inputs(out, committed, corpus)
-    specs = shard_specs(plan)
-    todo = [s for s in specs if s.index not in committed]
+    folder: Path | None
+    shape: dict
+    tok: object  # tokenizers.Tokenizer, or None (characters / 4)
+    window: int
+    specials: int
+    stride: int
+    rows: np.ndarray
+    chars: np.ndarray
+    ratio: float | None
+    sampled: int
+    full: np.ndarray  # per document: full windows before the last one
+    last: np.ndarray  # per document: length of the last window
 
+    @property
+    def doc_tokens(self) -> np.ndarray:
+        return self.full * self.window + self.last
+
+    def per_shard(self, todo: list[ShardSpec], corpus_rows: int) -> list[int]:
+        """Estimated tokens of each pending shard, in `todo` order (the run's progress total)."""
+        sizes = [max(min(s.stop, corpus_rows) - s.start, 0) for s in todo]
+        bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        tokens = self.doc_tokens
+        return [int(tokens[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def estimate_tokens(job: JobSpec, corpus, todo: list[ShardSpec]) -> TokenEstimate:
+    """Tokens of the documents of the shards in `todo` (what --dry-run prints and what the run's
+    progress bar starts from): a sample tokenized, scaled to the characters, windows added."""
     folder = model_folder(job)
     shape = model_shape(folder)
     tok = load_tokenizer(folder)
@@ -239,7 +251,35 @@ def preview(job: JobSpec, new_run: bool = False) -> dict:
     else:
         ratio = None
     full, last = windows_of(content, window, specials, stride)
-    doc_tokens = full * window + last
+    return TokenEstimate(folder, shape, tok, window, specials, stride, rows, chars, ratio, sampled, full, last)
+
+
+def preview(job: JobSpec, new_run: bool = False) -> dict:
+    """What `attnpipe run` would do for `job`, computed without writing anything. Raises the
+    errors the run would raise before its first shard (a changed job, a changed corpus)."""
+    from .executor.base import check_inputs
+    from .runtime import open_job_corpus
+
+    root = job.output_dir()
+    out = choose_output(root, job.fingerprint(), job.fingerprint_parts(), new_run)
+    exists = out.isdir()
+    if exists:
+        check_format(out)
+    info = read_info(out) if exists else None
+    records = read_records(out) if exists else {}
+    # As recover() would: a committed shard with a missing or truncated file is redone.
+    damaged = sorted(s for s, r in records.items() if _damaged(out, r))
+    committed = {s: r for s, r in records.items() if s not in damaged}
+    corpus = open_job_corpus(job)
+    plan = make_plan(len(corpus), job.run.num_shards, (info or {}).get("plan"), committed, job.corpus.limit)
+    check_inputs(out, committed, corpus)
+    specs = shard_specs(plan)
+    todo = [s for s in specs if s.index not in committed]
+
+    est = estimate_tokens(job, corpus, todo)
+    folder, shape, tok, window, specials, stride = est.folder, est.shape, est.tok, est.window, est.specials, est.stride
+    rows, chars, ratio, sampled, full, last = est.rows, est.chars, est.ratio, est.sampled, est.full, est.last
+    doc_tokens = est.doc_tokens
 
     shard_rows, offset = [], 0
     for s in todo:
@@ -301,13 +341,13 @@ def format_preview(p: dict, max_shards: int = 20) -> str:
     lines = ["dry run: the model is not loaded and nothing is written",
              f"output:     {p['output']} ({where})",
              f"executor:   {executor}",
-             f"corpus:     {p['corpus_rows']:,} rows in {p['plan']['num_shards']} shards of up to "
+             f"corpus:     {plural(p['corpus_rows'], 'row')} in {plural(p['plan']['num_shards'], 'shard')} of up to "
              f"{p['plan']['rows_per_shard']:,} rows"]
     c = p["committed"]
     if c["shards"]:
         from .store.status import _shard_list
 
-        lines.append(f"committed:  {len(c['shards'])} shards ({_shard_list(c['shards'])}): {c['documents']:,} "
+        lines.append(f"committed:  {plural(len(c['shards']), 'shard')} ({_shard_list(c['shards'])}): {c['documents']:,} "
                      f"documents, {c['tokens']:,} tokens; skipped")
     if p["damaged"]:
         lines.append(f"damaged:    shards {', '.join(map(str, p['damaged']))} have missing or truncated files "
@@ -315,13 +355,14 @@ def format_preview(p: dict, max_shards: int = 20) -> str:
     if not p["to_run"]:
         lines.append("to run:     nothing (every planned shard is committed)")
         return "\n".join(lines)
-    lines.append(f"to run:     {len(p['to_run'])} shards, {e['documents']:,} documents, {e['characters']:,} characters")
+    lines.append(f"to run:     {plural(len(p['to_run']), 'shard')}, {plural(e['documents'], 'document')}, "
+                 f"{plural(e['characters'], 'character')}")
     lines.append(f"  {'shard':>6}  {'corpus rows':>17}  {'documents':>9}  {'est. tokens':>11}")
     for s in p["to_run"][:max_shards]:
         span = f"{s['corpus_rows'][0]}-{s['corpus_rows'][1]}"
         lines.append(f"  {s['shard']:>6}  {span:>17}  {s['documents']:>9,}  {s['tokens']:>11,}")
     if len(p["to_run"]) > max_shards:
-        lines.append(f"  ... and {len(p['to_run']) - max_shards} more shards")
+        lines.append(f"  ... and {plural(len(p['to_run']) - max_shards, 'more shard')}")
     shape = f"{m['layers']} layers x {m['heads']} heads" if m["layers"] and m["heads"] else "layers/heads unknown"
     lines.append(f"model:      {m['name']}: {shape}, windows of {m['window']} tokens (from {m['window_from']}; {m['special_tokens']} special, "
                  f"{m['stride']} shared with the window before)" + (", causal" if m["causal"] else ""))

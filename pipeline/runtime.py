@@ -62,3 +62,17 @@ class Runtime:
         """What identifies the model's weights: their sha256 (local) or the hub revision."""
         p = self.provenance
         return p.get("weights_sha256") or p.get("revision")
+
+
+def quiet_libraries(quiet: bool = False) -> None:
+    """attnpipe's own bar is the progress (in the driver, on every Dask worker): hide the load
+    bars of transformers, datasets and huggingface_hub, and their notes below errors."""
+    import datasets
+    import huggingface_hub
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    huggingface_hub.utils.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()

@@ -161,7 +161,7 @@ def test_run_then_inspect(tmp_path, job):
     result = invoke("run", job)
     assert result.exit_code == 0, result.output
     out = tmp_path / "out"
-    assert f"wrote {out}: 1 shards run" in result.output
+    assert f"wrote {out}: 1 shard run" in result.output
     assert "5 documents (0 empty)" in result.output
     for table in ("documents", "tokens", "head_stats"):
         assert table in result.output
@@ -273,7 +273,7 @@ def test_rerun_runs_only_missing_shards(tmp_path, job):
     record.unlink()
     result = invoke("run", job, "--num-shards", 3)
     assert result.exit_code == 0, result.output
-    assert "1 shards run, 2 already committed" in result.output
+    assert "1 shard run, 2 already committed" in result.output
     assert json.loads(manifest_file.read_text())["shards"]["1"]["documents"] == dropped["documents"]
     assert not any(p.exists() for p in old_files)
     assert {p: p.stat().st_mtime_ns for p in kept} == kept

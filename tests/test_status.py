@@ -256,7 +256,7 @@ def test_dry_run_of_a_half_done_output_lists_only_pending_shards(done):
     assert tree(out) == before  # the uncommitted files of shard 1 are still there: no recovery ran
     text = result.output
     assert f"output:     {out} (resumes it)" in text
-    assert "committed:  2 shards (0, 2)" in text and "to run:     1 shards, 3 documents" in text
+    assert "committed:  2 shards (0, 2)" in text and "to run:     1 shard, 3 documents" in text
     plan = preview(load_job(job))
     assert [s["shard"] for s in plan["to_run"]] == [1] and plan["to_run"][0]["corpus_rows"] == [3, 6]
 

@@ -22,10 +22,11 @@ from ..job import JobSpec
 from ..runtime import open_job_corpus
 from ..store import paths
 from ..store.commit import write_json
-from ..store.location import Location
-from ..store.dataset import choose_output, read_info, recover, write_info, write_manifest
+from ..store.location import Location, as_location
+from ..store.dataset import choose_output, read_info, recover, version_location, versions, write_info, write_manifest
 from ..store.lock import OutputLock
 from ..store.plan import ShardSpec, make_plan, shard_specs
+from ..words import plural
 
 log = logging.getLogger("attnpipe")
 
@@ -68,6 +69,16 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+def refuse_while_written(root: Location | Path | str, out: Location, lease: float) -> None:
+    """Raise, naming the holder, when a live run holds the lock of a version of `root` other
+    than `out` (the one this run takes, whose own lock says the same when it is taken)."""
+    root = as_location(root)
+    for v in versions(root):
+        folder = version_location(root, v)
+        if folder != out:
+            OutputLock(folder, lease).refuse_if_held()
+
+
 class JobRun:
     def __init__(self, job: JobSpec, new_run: bool = False):
         self.job, self.new_run = job, new_run
@@ -80,6 +91,8 @@ class JobRun:
         job = self.job
         self.fingerprint, self.parts = job.fingerprint(), job.fingerprint_parts()
         self.out = choose_output(job.output_dir(), self.fingerprint, self.parts, self.new_run)
+        if self.new_run:  # a new version beside a run still writing an older one: refused as a rerun is
+            refuse_while_written(job.output_dir(), self.out, job.run.lock_lease)
         self.corpus = open_job_corpus(job)  # a bad corpus fails here, before anything is created
         if self.corpus.repeated_texts and not job.corpus.id_column:
             log.info("%d documents repeat the text of an earlier one; their ids end in -2, -3, ... "
@@ -135,6 +148,8 @@ class JobRun:
             self._cleanup()
         if exc_type is not None and issubclass(exc_type, OSError):
             raise self._os_error(exc) from None
+        if exc_type is None:
+            self.lock.ensure()  # a renewal that failed after the last check: never exit 0 on it
 
     def _cleanup(self) -> None:
         if self.created and not self.committed and not self.ran:
@@ -155,33 +170,66 @@ class JobRun:
             return
         shown = "; ".join(f"shard {s}: {e}" for s, e in sorted(self.failures.items())[:3])
         more = f"; and {len(self.failures) - 3} more" if len(self.failures) > 3 else ""
-        raise OutputError(f"{len(self.failures)} of {len(self.plan['shards'])} shards failed after "
+        raise OutputError(f"{len(self.failures)} of {plural(len(self.plan['shards']), 'shard')} failed after "
                           f"{self.job.run.retries + 1} attempts ({shown}{more}); the other shards are committed "
                           f"in {self.out}; fix the cause and rerun to retry the failed ones")
 
 
 class Progress:
-    """A token bar with an ETA: the total is estimated from the characters still to read."""
+    """A token bar with an ETA. Its total is the dry run's token estimate for the pending shards
+    (`plan_preview.estimate_tokens`), made once before the first shard. It is only ever raised
+    (when the tokens done and the estimates of the shards not finished exceed it), so the bar
+    never jumps back, and when every shard is over it becomes the tokens done: 100% is exact."""
 
     def __init__(self, job: JobSpec, corpus: Corpus, todo: list[ShardSpec], where: str, quiet: bool):
-        shards = [corpus.shard(s.index, s.start, s.stop) for s in todo]
-        self.docs = sum(len(s.rows) for s in shards)
+        disable = quiet or not job.run.progress
+        self.estimates = {} if disable else shard_estimates(job, corpus, todo)
+        self.pending = sum(self.estimates.values())  # estimated tokens of the shards not finished
+        self.docs = sum(max(min(s.stop, len(corpus)) - s.start, 0) for s in todo)
         self.shards, self.shards_done, self.shards_failed = len(todo), 0, 0
-        self.chars_total = int(sum(int(s.chars.sum()) for s in shards))
-        self.chars = self.tokens = self.done = 0
-        self.bar = tqdm(total=max(self.chars_total // 4, 1), unit="tok", unit_scale=True, dynamic_ncols=True,
-                        disable=quiet or not job.run.progress, desc=f"{job.name} ({where})")
+        self.tokens = self.done = 0
+        self.open_tokens = 0  # tokens of the shard in progress (local; a Dask shard reports once)
+        self.bar = tqdm(total=max(self.pending, 1), unit="tok", unit_scale=True, dynamic_ncols=True,
+                        disable=disable, desc=f"{job.name} ({where})")
+        self._postfix(refresh=False)
 
-    def __call__(self, docs: int, tokens: int, chars: int) -> None:
+    def __call__(self, docs: int, tokens: int, chars: int = 0) -> None:
+        """Documents and tokens finished (a batch, or a whole shard under Dask)."""
         self.done += docs
         self.tokens += tokens
-        self.chars += chars
-        if self.chars:
-            ratio = self.tokens / self.chars
-            self.bar.total = max(int(self.tokens + (self.chars_total - self.chars) * ratio), self.tokens, 1)
-        shards = f"shards {self.shards_done}/{self.shards}" + (f", {self.shards_failed} failed" if self.shards_failed else "")
-        self.bar.set_postfix_str(f"{self.done}/{self.docs} docs, {shards}", refresh=False)
+        self.open_tokens += tokens
+        ahead = max(self.pending - self.open_tokens, 0)
+        if self.tokens + ahead > self.bar.total:  # only upward
+            self.bar.total = self.tokens + ahead
+        self._postfix(refresh=False)
         self.bar.update(tokens)
 
+    def shard_done(self, shard: int, failed: bool = False) -> None:
+        self.shards_failed += failed
+        self.shards_done += not failed
+        self.pending -= self.estimates.get(shard, 0)
+        self.open_tokens = 0
+        self._postfix(refresh=True)
+
+    def _postfix(self, refresh: bool) -> None:
+        failed = f", {self.shards_failed} failed" if self.shards_failed else ""
+        self.bar.set_postfix_str(f"{self.done}/{self.docs} docs, shards {self.shards_done}/{self.shards}{failed}",
+                                 refresh=refresh)
+
     def close(self) -> None:
+        if self.shards_done + self.shards_failed == self.shards:  # over: the true count, not the estimate
+            self.bar.total = max(self.bar.n, 1)
+            self.bar.refresh()
         self.bar.close()
+
+
+def shard_estimates(job: JobSpec, corpus: Corpus, todo: list[ShardSpec]) -> dict[int, int]:
+    """{shard: estimated tokens}, as `attnpipe run --dry-run` estimates them."""
+    from ..plan_preview import estimate_tokens
+
+    try:
+        tokens = estimate_tokens(job, corpus, todo).per_shard(todo, len(corpus))
+    except Exception as exc:  # noqa: BLE001 - a progress bar must never stop a run
+        log.debug("no token estimate for the progress bar: %s", one_line(exc))
+        tokens = [int(corpus.chars[s.start:min(s.stop, len(corpus))].sum()) // 4 for s in todo]
+    return {s.index: n for s, n in zip(todo, tokens)}

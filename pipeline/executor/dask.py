@@ -35,14 +35,15 @@ class ExecutorError(AttnpipeError):
     """The Dask cluster cannot be started or reached."""
 
 
-def shard_task(job: JobSpec, spec: ShardSpec, out: str, threads: int | None) -> dict:
+def shard_task(job: JobSpec, spec: ShardSpec, out: str, threads: int | None, quiet: bool = False) -> dict:
     """One shard on a worker; returns counts only (the rows went to the output folder)."""
-    from ..runtime import Runtime
+    from ..runtime import Runtime, quiet_libraries
     from ..shard import run_shard
 
     key = job.fingerprint()
     if key not in _RUNTIMES:
         _RUNTIMES.clear()  # one model per worker at a time
+        quiet_libraries(quiet)  # the driver's bar is the progress: no library bars from workers
         if threads:
             import torch
 
@@ -94,33 +95,55 @@ def _local_cuda_cluster(job: JobSpec):
 
 
 def run_job_dask(job: JobSpec, quiet: bool = False, new_run: bool = False) -> RunSummary:
-    from distributed import as_completed
-
     with JobRun(job, new_run) as run:
         if run.todo:
             run.begin(model_weights_id(job.model.name, Path(job.base_dir), job.model.revision))
-            with client_for(job) as (client, where, threads):
-                progress = Progress(job, run.corpus, run.todo, where, quiet)
-                futures = {client.submit(shard_task, job, spec, run.out.url(), threads, retries=job.run.retries,
-                                         key=f"attnpipe-{run.fingerprint}-shard-{spec.index}", pure=False): spec
-                           for spec in run.todo}
-                try:
-                    for future in as_completed(futures):
-                        spec = futures[future]
-                        if future.status == "finished":
-                            info = future.result()
-                            chars = int(run.corpus.shard(spec.index, spec.start, spec.stop).chars.sum())
-                            progress.shards_done += 1
-                            progress(info["documents"], info["tokens"], chars)
-                            run.done(spec.index)
-                        else:
-                            progress.shards_failed += 1
-                            run.failed(spec, one_line(future.exception()), job.run.retries + 1, where)
-                finally:
-                    progress.close()
-            # Attempts killed on a worker leave staging and unrecorded files: the lock is still
-            # ours and every task is over, so they can go now.
-            recover(run.out)
+            own_cluster, over = not job.run.scheduler, False
+            try:
+                with client_for(job) as (client, where, threads):
+                    progress = Progress(job, run.corpus, run.todo, where, quiet)
+                    futures = {client.submit(shard_task, job, spec, run.out.url(), threads, quiet,
+                                             retries=job.run.retries, pure=False,
+                                             key=f"attnpipe-{run.fingerprint}-shard-{spec.index}"): spec
+                               for spec in run.todo}
+                    try:
+                        follow(run, futures, progress, where)
+                    except BaseException:
+                        client.cancel(list(futures))  # stopped (Ctrl-C, SIGTERM, a lost lock)
+                        raise
+                    finally:
+                        progress.close()
+                over = True
+            finally:
+                # Attempts killed on a worker leave staging and unrecorded files. They can go
+                # while the lock is ours and no task runs any more: every task is over, or our
+                # own cluster is shut down. An external cluster may still run a cancelled task.
+                if over or own_cluster:
+                    recover(run.out)
             faults.point("last")
     run.raise_failures()
     return run.summary()
+
+
+def follow(run: JobRun, futures: dict, progress: Progress, where: str) -> None:
+    """Record each shard as its task ends. Waits a second at a time, so that a lock that can no
+    longer be renewed stops the run while tasks are still running."""
+    from distributed import wait
+
+    pending = set(futures)
+    while pending:
+        run.lock.ensure()
+        try:
+            done, pending = wait(pending, timeout=1.0, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            continue
+        for future in sorted(done, key=lambda f: futures[f].index):
+            spec = futures[future]
+            if future.status == "finished":
+                info = future.result()
+                progress(info["documents"], info["tokens"])
+                progress.shard_done(spec.index)
+                run.done(spec.index)
+            else:
+                progress.shard_done(spec.index, failed=True)
+                run.failed(spec, one_line(future.exception()), run.job.run.retries + 1, where)

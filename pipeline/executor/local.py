@@ -17,11 +17,16 @@ def run_job(job: JobSpec, quiet: bool = False, lm=None, new_run: bool = False) -
             faults.point("load")
             run.begin(rt.weights_id)
             progress = Progress(job, run.corpus, run.todo, str(rt.model.device), quiet)
+
+            def step(docs: int, tokens: int, chars: int) -> None:
+                run.lock.ensure()  # after every batch: a lock that cannot be renewed stops the run
+                progress(docs, tokens, chars)
+
             try:
                 for spec in run.todo:
                     run.lock.check()
-                    run_shard(job, spec, rt, run.out, progress)
-                    progress.shards_done += 1
+                    run_shard(job, spec, rt, run.out, step)
+                    progress.shard_done(spec.index)
                     run.done(spec.index)
             finally:
                 progress.close()

@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 
 from ..errors import OutputError
+from ..words import plural
 from . import paths
 from .commit import read_records
 from .dataset import check_format, read_info, version_location, versions
@@ -182,8 +183,8 @@ def format_status(s: dict) -> str:
     planned = sh["planned"]
     head = {"complete": "complete", "running": "a run is writing to it", "failed": "not complete (failed shards)",
             "incomplete": "not complete"}[s["state"]]
-    count = (f"{len(sh['committed'])} of {planned} shards committed" if planned is not None
-             else f"{len(sh['committed'])} shards committed, nothing planned yet")
+    count = (f"{len(sh['committed'])} of {plural(planned, 'shard')} committed" if planned is not None
+             else f"{plural(len(sh['committed']), 'shard')} committed, nothing planned yet")
     lines = [f"{s['output']}: job {s['job']!r}, {head}: {count}, {len(sh['failed'])} failed, "
              f"{len(sh['pending'])} pending"]
     lines.append(f"  committed  {_shard_list(sh['committed']) or '-'}")
@@ -221,7 +222,7 @@ def format_status(s: dict) -> str:
         if v["state"] == "error":
             lines.append(f"later version {v['output']}: {v['error']}")
         else:
-            lines.append(f"later version {v['output']}: {v['state']}, {v['committed']} of {v['planned']} shards "
-                         f"committed, {v['failed']} failed"
+            lines.append(f"later version {v['output']}: {v['state']}, {v['committed']} of "
+                         f"{plural(v['planned'], 'shard')} committed, {v['failed']} failed"
                          + (f", last commit {v['last_commit']}" if v["last_commit"] else ""))
     return "\n".join(lines)
