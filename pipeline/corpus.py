@@ -315,9 +315,13 @@ def _check_types(ds: datasets.Dataset, spec: CorpusSpec) -> None:
         mixed = type(ds.features.get(col)).__name__ == "Json"  # datasets keeps mixed values as JSON strings
         if pa.types.is_null(kind) or (ok(kind) and not mixed):
             continue
-        valid_rows = pc.indices_nonzero(pc.is_valid(table.column(col)))
-        row = int(valid_rows[0].as_py()) if len(valid_rows) else 0
-        what = "values of mixed types (JSON)" if mixed else f"{kind} values"
+        if mixed:  # the first value that is not a string (decoded from datasets' JSON storage)
+            row = next((i for i, v in enumerate(ds[col]) if v is not None and not isinstance(v, str)), 0)
+            what = f"values of mixed types ({type(ds[row][col]).__name__} among strings)"
+        else:
+            valid_rows = pc.indices_nonzero(pc.is_valid(table.column(col)))
+            row = int(valid_rows[0].as_py()) if len(valid_rows) else 0
+            what = f"{kind} values"
         raise CorpusError(f"{key} {col!r} holds {what}, e.g. {_row_name(ds, row)}; it must hold {valid}")
 
 

@@ -33,8 +33,8 @@ SOURCE_INDEX = "__attnpipe_source_index"
 SOURCE_COLUMNS = (SOURCE_FILE, SOURCE_INDEX)
 
 TEXT_UNITS = ("file", "paragraph", "line")
-COMPRESSED = {b"\x1f\x8b": ("gzip", "gunzip"), b"\x28\xb5\x2f\xfd": ("zstd", "unzstd"),
-              b"BZh": ("bzip2", "bunzip2"), b"\xfd7zXZ\x00": ("xz", "unxz"), b"PK\x03\x04": ("zip", "unzip")}
+COMPRESSED = {b"\x1f\x8b": ("gzip", "gzip -dc"), b"\x28\xb5\x2f\xfd": ("zstd", "zstd -dc"),
+              b"BZh": ("bzip2", "bzip2 -dc"), b"\xfd7zXZ\x00": ("xz", "xz -dc"), b"PK\x03\x04": ("zip", "unzip -p")}
 SCALAR_IDS = (str, int, float, bool)  # bool is an int; listed for the message
 
 
@@ -52,8 +52,8 @@ def decode(path: Path) -> str:
         raise CorpusError(f"cannot read corpus file {path}: {exc.strerror or exc}") from None
     for magic, (kind, tool) in COMPRESSED.items():
         if data.startswith(magic):
-            raise CorpusError(f"corpus file {path} is {kind}-compressed; decompress it first ({tool} {path.name}): "
-                              "attnpipe reads plain UTF-8 text, JSON and CSV files, and Parquet")
+            raise CorpusError(f"corpus file {path} is {kind}-compressed; decompress it first ({tool} {path.name} > "
+                              "a plain file): attnpipe reads plain UTF-8 text, JSON and CSV files, and Parquet")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

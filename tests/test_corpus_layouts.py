@@ -304,3 +304,13 @@ def test_dry_run_with_many_shards_plans_only_the_rows(tmp_path, tiny_model_dir):
     result = invoke("run", job, "--dry-run")
     assert result.exit_code == 0, result.output
     assert "2 rows in 2 shards" in result.output
+
+
+def test_mixed_text_in_a_saved_dataset_is_refused(tmp_path):
+    """datasets keeps a column of mixed values as JSON strings ('"a"', '5'): never read as texts."""
+    (tmp_path / "c.jsonl").write_text('{"text": "a b"}\n{"text": 5}\n')
+    datasets.load_dataset("json", data_files=[str(tmp_path / "c.jsonl")], split="train").save_to_disk(
+        str(tmp_path / "saved"))
+    message = _raises(CorpusError, open_corpus, CorpusSpec(path="saved"), tmp_path)
+    assert "corpus.text_column 'text'" in message and "mixed types (int among strings)" in message
+    assert "row 1" in message
