@@ -119,3 +119,25 @@ def test_run_returns_the_dataset_and_takes_overrides(tmp_path, tiny_model_dir):
     assert ds.tables["documents"]["rows"] == 2 and ds.summary.shards_run == [0]
     again = attnpipe.run(job, quiet=True)  # the rest, as new shards
     assert again.tables["documents"]["rows"] == 4
+
+
+# --- start-up: commands that need no model never import torch ----------------------------------
+
+TORCH_FREE = [["recipes"], ["schema", "edges"], ["status", "{out}"], ["files", "{out}", "edges"],
+              ["inspect", "{out}"], ["verify", "{out}"], ["heads", "{out}"],
+              ["query", "{out}", "SELECT count(*) FROM head_stats"], ["run", "{job}", "--dry-run"]]
+
+
+def test_commands_without_a_model_never_import_torch(tmp_path, tiny_model_dir):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    job = write_job(tmp_path, corpus, model=tiny_model_dir("bert"), device="cpu")
+    attnpipe.run(job, quiet=True)
+    probe = ("import atexit, sys\natexit.register(lambda: print('TORCH', 'torch' in sys.modules, file=sys.stderr))\n"
+             "from attnpipe.cli import main\nsys.argv = ['attnpipe'] + sys.argv[1:]\nmain()\n")
+    for command in TORCH_FREE:
+        args = [a.format(out=tmp_path / "out", job=job) for a in command]
+        done = subprocess.run([sys.executable, "-c", probe, *args], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, (command, done.stderr)
+        assert "TORCH False" in done.stderr, command

@@ -6,10 +6,12 @@ the Parquet metadata and the manifest so old and new data are never mixed up sil
 
 from __future__ import annotations
 
+import ast
 import importlib
 import json
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -75,7 +77,12 @@ class Recipe:
 
     @property
     def doc(self) -> str:
-        return (self.fn.__doc__ or "").strip()
+        """The function's docstring, read from its source without importing it (the recipe
+        modules import torch, which `attnpipe recipes` and job checks do not need)."""
+        module, _, function = self.target.partition(":")
+        source = Path(__file__).with_name(module.lstrip(".") + ".py").read_text(encoding="utf-8")
+        node = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == function)
+        return (ast.get_docstring(node) or "").strip()
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
