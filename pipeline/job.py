@@ -86,7 +86,7 @@ class RunSpec(_Section):
     attention: Literal["auto", "eager", "sdpa", "fused"] = "auto"
     progress: bool = True
     # Storage precision of attention values (weights, maps, head statistics). bfloat16: float32
-    # columns holding values rounded to 8 significant bits (relative error <= 0.2%), which
+    # columns holding values rounded to 8 significant bits (relative error <= 2^-8, 0.4%), which
     # byte-stream-split and zstd shrink to 247 bytes per token for the default recipes on the demo
     # corpus; float16: 3 digits, 361 bytes per token, a float16 column; float32: as computed, 719.
     weight_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
@@ -156,6 +156,9 @@ class JobSpec(_Section):
         if self.corpus.format != "hub" and (is_local_only(self.corpus.path, Path(self.base_dir))
                                             or self.resolve(self.corpus.path).exists()):
             corpus["path"] = "(local)"
+            if corpus.get("text_unit") is None:  # the default spelled out is the same job
+                pattern = any(ch in self.corpus.path for ch in "*?[")
+                corpus["text_unit"] = "file" if pattern or self.resolve(self.corpus.path).is_dir() else "line"
         model = self.model.model_dump()
         if self.resolve(self.model.name).exists():
             model["name"] = "(local folder)"

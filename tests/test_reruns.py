@@ -78,3 +78,15 @@ def test_another_corpus_under_the_same_job_is_refused(tmp_path, tiny_model_dir):
                                                                + "".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     result = invoke("run", job, "-o", out)
     assert result.exit_code == 1 and "corpus changed" in result.output and "--new-run" in result.output
+
+
+def test_default_text_unit_spelled_out_is_the_same_job(tmp_path):
+    from attnpipe.job import build_job
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "one.txt").write_text("a\n")
+    for path, unit in (("docs", "file"), ("docs/*.txt", "file"), ("one.txt", "line")):
+        implicit = build_job({"corpus": {"path": path}}, base_dir=tmp_path)
+        explicit = build_job({"corpus": {"path": path, "text_unit": unit}}, base_dir=tmp_path)
+        other = build_job({"corpus": {"path": path, "text_unit": "paragraph"}}, base_dir=tmp_path)
+        assert implicit.fingerprint() == explicit.fingerprint() != other.fingerprint()
