@@ -8,10 +8,13 @@ pickle checkpoints; `trust_remote_code` only when the job asks for it.
 from __future__ import annotations
 
 import importlib.metadata as md
+import inspect
 import unicodedata
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerFast
@@ -19,6 +22,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokeniz
 from . import capture, hub
 from .hub import BUILTIN_NAMES, DEFAULT_MODEL, builtin_model_dir, weights_sha256  # noqa: F401 (re-exported)
 from .errors import JobError, ModelError
+from .words import plural
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Without one of these a folder still "loads": transformers builds an empty vocabulary and every
@@ -84,6 +88,65 @@ def _check_tokenizer(tokenizer, model: torch.nn.Module, name: str, source: str) 
     if len(tokenizer) > rows:
         raise ModelError(f"model {name!r}: the tokenizer has {len(tokenizer)} tokens but the model's "
                          f"embedding has only {rows} rows; the tokenizer does not belong to this model")
+
+
+# Load failures become one line. Broken files raise all sorts: SafetensorError (truncated, flipped
+# or random bytes), KeyError and plain Exception from `tokenizers` (a broken tokenizer.json),
+# RuntimeError, OSError (an unwritable HF_HOME), ValueError.
+@contextmanager
+def _load_errors(name: str, where: str, what: str = "") -> Iterator[None]:
+    try:
+        yield
+    except ModelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see above; --debug shows the traceback
+        text = str(exc).strip().splitlines()
+        first = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+        part = f" ({what})" if what else ""
+        raise ModelError(f"model {name!r} could not be loaded {where}{part}: {first}") from exc
+
+
+def _tokenizer_file(source: str) -> str:
+    folder = Path(source)
+    return next((str(folder / n) for n in ("tokenizer.json", "tokenizer_config.json") if (folder / n).is_file()),
+                str(folder))
+
+
+def _weight_files(source: str) -> str:
+    files = sorted(Path(source).glob("*.safetensors")) or sorted(Path(source).glob("*.bin"))
+    return ", ".join(str(f) for f in files[:2]) + (", ..." if len(files) > 2 else "") if files else source
+
+
+def _check_weights_match(model: torch.nn.Module, info: dict, name: str, source: str) -> None:
+    """Refuse weights that do not fill the model its config describes: layers the config adds
+    would run randomly initialised (uniform attention) and those it drops would go unnoticed.
+    Two differences are normal and allowed: a task head in the checkpoint the bare model does not
+    have (cls.*, lm_head.*), and a pooler the checkpoint lacks (it is not on attention's path)."""
+    children = {n for n, _ in model.named_children()}
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith("pooler.")]
+    unexpected = [k for k in info.get("unexpected_keys", []) if k.split(".")[0] in children]
+    mismatched = list(info.get("mismatched_keys", []))
+    if not (missing or unexpected or mismatched):
+        return
+    if mismatched:
+        key, saved, wanted = (list(mismatched[0]) + [None, None])[:3]
+        problem = (f"{plural(len(mismatched), 'weight')} have other sizes than config.json says, e.g. {key} "
+                   f"(saved {tuple(saved) if saved else '?'}, config {tuple(wanted) if wanted else '?'})")
+    elif missing:
+        problem = f"config.json describes {plural(len(missing), 'weight')} the checkpoint lacks, e.g. {sorted(missing)[0]}"
+    else:
+        problem = f"the checkpoint holds {plural(len(unexpected), 'weight')} config.json has no place for, e.g. {sorted(unexpected)[0]}"
+    raise ModelError(f"model {name!r}: {source} does not match its config.json: {problem}; they would run "
+                     "randomly initialised or be dropped. Fix config.json (num_hidden_layers, hidden_size, "
+                     "max_position_embeddings, ...) to the saved weights, or save the folder again")
+
+
+def _check_text_model(model: torch.nn.Module, name: str) -> None:
+    """A vision or audio model loads, tokenizer files or not, and fails at its first forward."""
+    encoder = model.get_encoder() if getattr(model.config, "is_encoder_decoder", False) else model
+    if "input_ids" not in inspect.signature(encoder.forward).parameters:
+        raise ModelError(f"model {name!r} ({type(model).__name__}) does not take token ids; attnpipe captures "
+                         "the attention of text models (BERT, GPT-2, Llama, T5, ...)")
 
 
 def _versions() -> dict[str, str]:
@@ -236,17 +299,20 @@ def load_model(name: str, *, base_dir: Path = Path("."), revision: str | None = 
         raise ModelError(f"model folder {source} has no tokenizer files; expected {TOKENIZER_FILES}; "
                          "save them there with tokenizer.save_pretrained()")
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
-    try:
-        with hub.honour_offline():
+    where = (f"in {source}" if local else f"locally (tried {hub.local_path(name, base_dir)}), "
+             f"and the Hugging Face Hub{' (HF_HUB_OFFLINE is set)' if hub.offline() else ''} could not provide it")
+    with hub.honour_offline():
+        with _load_errors(name, where):
             AutoConfig.from_pretrained(source, **kwargs)
+        with _load_errors(name, where, f"reading {_tokenizer_file(source)}" if local else "its tokenizer"):
             tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True, **kwargs)
-            model = AutoModel.from_pretrained(source, dtype=DTYPES[dtype], attn_implementation=capture.BACKEND,
-                                              use_safetensors=None if allow_pickle else True, **kwargs)
-    except (OSError, ValueError) as exc:
-        where = (f"in {source}" if local else f"locally (tried {hub.local_path(name, base_dir)}), "
-                 f"and the Hugging Face Hub{' (HF_HUB_OFFLINE is set)' if hub.offline() else ''} could not provide it")
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"model {name!r} could not be loaded {where}: {first}") from None
+        with _load_errors(name, where, f"reading {_weight_files(source)}" if local else "its weights"):
+            # Size mismatches are reported below with their key, not raised from deep inside.
+            model, info = AutoModel.from_pretrained(
+                source, dtype=DTYPES[dtype], attn_implementation=capture.BACKEND, output_loading_info=True,
+                ignore_mismatched_sizes=True, use_safetensors=None if allow_pickle else True, **kwargs)
+    _check_weights_match(model, info, name, source)
+    _check_text_model(model, name)
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise ModelError(f"model {name!r} has no fast tokenizer; attnpipe needs character offsets")
     _check_tokenizer(tokenizer, model, name, source)

@@ -436,3 +436,33 @@ def test_kill_while_writing_dataset_info(env, reference, tmp_path, restore_logge
     assert "took over the lock" in result.output
     assert_clean(out)
     assert_same_rows(out, reference)
+
+
+# ---------------------------------------------------------------- SIGTERM and Ctrl-C
+
+
+def stop_with(args: list[str], fault: str, signal_name: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "ATTNPIPE_FAULT": fault, "ATTNPIPE_FAULT_SIGNAL": signal_name}
+    return subprocess.run([sys.executable, "-m", "attnpipe.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("signal_name, fault, code", [("TERM", "batch:6", 143), ("INT", "publish:10", 130)])
+def test_sigterm_stops_like_ctrl_c(signal_name, fault, code, env, reference, tmp_path):
+    """SIGTERM (what schedulers send) in the middle of shard 1, as Ctrl-C: one line saying so,
+    exit 128 + signal, shard 0 kept, nothing staged, no lock; the rerun completes."""
+    job, out = env.job(f"stop-{signal_name}", tmp_path)
+    proc = stop_with(["run", str(job), "--quiet"], fault, signal_name)
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stopped by " + ("SIGTERM" if code == 143 else "Ctrl-C")), lines
+    assert sorted(read_records(out)) == [0]
+    assert not (out / "_lock").exists() and not (out / "_staging").exists()
+    assert CliRunner().invoke(cli, ["verify", str(out)]).exit_code in (0, 1)  # strays allowed until the rerun
+    rerun = attnpipe(["run", str(job), "--quiet"])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "took over the lock" not in rerun.stderr  # the stopped run released it
+    assert_clean(out)
+    assert_same_rows(out, reference)

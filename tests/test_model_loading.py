@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -175,3 +176,91 @@ def test_cuda_device_without_cuda(tiny_model_dir):
     with pytest.raises(ModelError, match="CUDA is not available"):
         load_model(str(tiny_model_dir("bert")), device="cuda")
 
+
+
+# --- broken model folders: one line naming the folder or file, never a traceback or garbage ---
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _truncate(folder: Path) -> None:
+    f = folder / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _flip(folder: Path) -> None:
+    f = folder / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[20] ^= 0x10  # inside the JSON header
+    f.write_bytes(bytes(data))
+
+
+def _random(folder: Path) -> None:
+    f = folder / "model.safetensors"
+    f.write_bytes(np.random.default_rng(0).bytes(f.stat().st_size))
+
+
+BROKEN = {  # what is done to a good folder -> what the one line must say
+    "more layers in config": (lambda f: _config(f, num_hidden_layers=4), "weights the checkpoint lacks"),
+    "fewer layers in config": (lambda f: _config(f, num_hidden_layers=1), "has no place for"),
+    "hidden_size": (lambda f: _config(f, hidden_size=64), "other sizes"),
+    "max_position_embeddings": (lambda f: _config(f, max_position_embeddings=256), "position_embeddings"),
+    "truncated weights": (_truncate, "model.safetensors"),
+    "bit-flipped weights": (_flip, "model.safetensors"),
+    "random weights": (_random, "model.safetensors"),
+    "broken tokenizer.json": (lambda f: (f / "tokenizer.json").write_text('{"version": "1.0", "model": {}}'),
+                              "tokenizer.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_broken_model_folder_is_one_line(case, tiny_model_dir, tmp_path):
+    folder = _copy(tiny_model_dir("bert"), tmp_path / "model")
+    damage, expected = BROKEN[case]
+    damage(folder)
+    with pytest.raises(ModelError) as info:
+        load_model(str(folder), device="cpu")
+    message = str(info.value)
+    assert "\n" not in message and str(folder) in message and expected in message, message
+
+
+def test_a_task_head_and_a_missing_pooler_are_allowed(tmp_path, tokenizer):
+    """bert-base-uncased and roberta-base are saved with heads and without poolers: normal."""
+    from transformers import BertForMaskedLM
+
+    from conftest import TINY_CONFIGS
+
+    BertForMaskedLM(TINY_CONFIGS["bert"]()).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert load_model(str(tmp_path), device="cpu").num_layers == 2
+
+
+def test_vision_model_with_tokenizer_files_is_one_line(tmp_path, tokenizer):
+    from transformers import ViTConfig, ViTModel
+
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                       image_size=32, patch_size=8)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match="does not take token ids"):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_broken_model_through_the_cli_is_one_line(tiny_model_dir, tmp_path):
+    from conftest import invoke, write_job
+
+    folder = _copy(tiny_model_dir("bert"), tmp_path / "model")
+    _config(folder, num_hidden_layers=4)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "The river ran past the mill."}\n')
+    result = invoke("run", write_job(tmp_path, corpus, folder, device="cpu"), "--quiet")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "encoder.layer.2." in result.output
+    assert not (tmp_path / "out").exists()
