@@ -23,8 +23,13 @@ TOML_RECIPES = '[[recipes]]\nname = "head_stats"\n[[recipes]]\nname = "topk"\nk 
 
 
 def test_wheel_installs_attnpipe_only(tmp_path):
+    source = tmp_path / "src"  # a copy: an in-tree build would leave build/ in the repository
+    for folder in ("pipeline", "schemas"):
+        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, source / name)
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+                            "-w", str(tmp_path), str(source)], capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr[-2000:]
     wheel = next(tmp_path.glob("attnpipe-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
