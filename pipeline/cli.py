@@ -139,6 +139,8 @@ def schema(table, as_json):
     from .store.schema import load_schemas, table_schema
 
     chosen = [table_schema(table)] if table else list(load_schemas().values())
+    # Attention values are declared as 'value': stored at the job's run.weight_dtype.
+    stored = {"value": "float32*", "list<value>": "list<float32>*"}
     for s in chosen:
         if as_json:
             columns = [{**c, "type": stored[c["type"]].rstrip("*"), "weight_dtype": True} if c["type"] in stored
@@ -150,9 +152,10 @@ def schema(table, as_json):
         for c in s.columns:
             click.echo(f"    {c['name']:<14} {stored.get(c['type'], c['type']):<14} {c['description']}")
         click.echo()
+    if not as_json and any(c["type"] in stored for s in chosen for c in s.columns):
+        click.echo("* attention values: float32 (rounded to bfloat16 with the default run.weight_dtype, or "
+                   "full float32); float16 with run.weight_dtype = float16")
 
-    # Attention values are declared as 'value': stored at the job's run.weight_dtype.
-    stored = {"value": "float32*", "list<value>": "list<float32>*"}
 
 @cli.command()
 @click.argument("output", type=click.Path(file_okay=False))
@@ -162,9 +165,6 @@ def inspect(output, as_json):
     """Summarise an output directory: tables, row counts, layers, heads and provenance."""
     from .inspect import format_summary, summarize
 
-    if not as_json and any(c["type"] in stored for s in chosen for c in s.columns):
-        click.echo("* attention values: float32 (rounded to bfloat16 with the default run.weight_dtype, or "
-                   "full float32); float16 with run.weight_dtype = float16")
     s = summarize(output)
     click.echo(json.dumps(s, indent=2, default=str) if as_json else format_summary(s))
 
@@ -239,16 +239,6 @@ def _out_option(help_text: str):
     return click.option("--out", "-o", "out_file", type=click.Path(dir_okay=False), help=help_text)
 
 
-@cli.command()
-@click.argument("output", type=click.Path(file_okay=False))
-@click.argument("sql")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]), default="table",
-              show_default=True, help="Aligned table for people; CSV, JSON (an array of rows) or Parquet for programs.")
-@_out_option("Write the result to FILE instead of stdout (required for --format parquet).")
-@click.option("--max-rows", type=click.IntRange(min=0), default=100, show_default=True,
-              help="Rows shown by --format table (0: all); the other formats write every row.")
-@command_boundary
-def query(output, sql, fmt, out_file, max_rows, max_width):
 def _open_read(output, out_file=None):
     """open_dataset for the read commands: -o refused inside the dataset, and every committed
     file checked against its record (size; sha256 within a budget) before anything reads it."""
@@ -259,6 +249,7 @@ def _open_read(output, out_file=None):
     refuse_inside(out_file, output)
     ds = open_dataset(output)
     try:
+        refuse_inside(out_file, ds.path)  # a URL's local mirror too
         check_committed(ds.path, ds.records)
     except BaseException:
         ds.close()
@@ -266,6 +257,18 @@ def _open_read(output, out_file=None):
     return ds
 
 
+@cli.command()
+@click.argument("output", type=click.Path(file_okay=False))
+@click.argument("sql")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]), default="table",
+              show_default=True, help="Aligned table for people; CSV, JSON (an array of rows) or Parquet for programs.")
+@_out_option("Write the result to FILE instead of stdout (required for --format parquet).")
+@click.option("--max-rows", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Rows shown by --format table (0: all); the other formats write every row.")
+@click.option("--max-width", type=click.IntRange(min=0), default=40, show_default=True,
+              help="Longest text cell of --format table before it is cut with '…' (0: never cut).")
+@command_boundary
+def query(output, sql, fmt, out_file, max_rows, max_width):
     """Run one read-only SQL statement (DuckDB) over the committed tables of OUTPUT.
 
     Views: documents, tokens, head_stats, edges, rollout, maps (those the job wrote), and
@@ -274,8 +277,6 @@ def _open_read(output, out_file=None):
     and reading any file but the committed ones are refused.
 
     Example: attnpipe query out/demo "SELECT key_token, weight FROM edges_tokens WHERE
-@click.option("--max-width", type=click.IntRange(min=0), default=40, show_default=True,
-              help="Longest text cell of --format table before it is cut with '…' (0: never cut).")
     doc_id = 'demo-0001' AND layer = 5 AND head = -1 AND query_token = 'it' ORDER BY weight DESC"
     """
     show_notes(quiet=False)

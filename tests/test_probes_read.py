@@ -155,6 +155,13 @@ def test_query_on_a_damaged_file_says_damaged(out, damage):
     assert "damaged" in invoke("inspect", out).output.splitlines()[0]
 
 
+def test_python_api_checks_before_duckdb_reads(out):
+    flip(committed_files(out, "edges")[0])
+    ds = open_dataset(out)
+    with pytest.raises(OutputError, match="damaged .*attnpipe verify"):
+        ds.sql("SELECT count(*) FROM edges")
+
+
 def test_damaged_file_found_even_after_a_clean_check_in_the_process(out):
     ds = open_dataset(out)
     assert check_committed(out, ds.records) > 0

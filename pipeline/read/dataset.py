@@ -117,7 +117,9 @@ class AttnDataset:
 
     def table(self, name: str) -> pads.Dataset:
         """The committed files of table `name` as one pyarrow dataset."""
-        return pads.dataset([str(f) for f in self.files(name)], format="parquet")
+        from ..store.verify import parquet_format  # page checksums verified as pages are read
+
+        return pads.dataset([str(f) for f in self.files(name)], format=parquet_format())
 
     def to_arrow(self, name: str, filter: Any = None, columns: list[str] | None = None) -> pa.Table:
         """Rows of table `name`. `filter`: a pyarrow expression, or {column: value or [values]}."""
@@ -178,8 +180,10 @@ class AttnDataset:
     def query(self):
         """The read-only DuckDB views of this dataset (`attnpipe.read.query.Query`)."""
         if self._query is None:
+            from ..store.verify import check_committed
             from .query import Query
 
+            check_committed(self.path, self.records)  # DuckDB does not verify page checksums
             self._query = Query({t: self.files(t) for t in self.tables}, label=str(self.path))
         return self._query
 
