@@ -113,3 +113,19 @@ def test_unreachable_scheduler_is_one_line(tmp_path, model):
         run_executor(job, quiet=True)
     assert "run.scheduler" in str(info.value) and "dask scheduler" in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_quiet_dask_run_prints_nothing(tmp_path, model):
+    """Under --quiet neither the workers' library bars (transformers' "Loading weights") nor
+    Dask's warnings reach the terminal; the output is complete."""
+    import os
+    import subprocess
+    import sys
+
+    job_file = make_job(tmp_path, model)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "attnpipe.cli", "run", str(job_file), "--workers", "2", "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "" and proc.stderr.strip() == "", proc.stderr[-3000:]
+    assert sorted(read_records(tmp_path / "out")) == [0, 1, 2]

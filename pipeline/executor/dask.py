@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -99,6 +101,8 @@ def run_job_dask(job: JobSpec, quiet: bool = False, new_run: bool = False) -> Ru
         if run.todo:
             run.begin(model_weights_id(job.model.name, Path(job.base_dir), job.model.revision))
             own_cluster, over = not job.run.scheduler, False
+            if quiet:
+                quiet_dask()
             try:
                 with client_for(job) as (client, where, threads):
                     progress = Progress(job, run.corpus, run.todo, where, quiet)
@@ -123,6 +127,14 @@ def run_job_dask(job: JobSpec, quiet: bool = False, new_run: bool = False) -> Ru
             faults.point("last")
     run.raise_failures()
     return run.summary()
+
+
+def quiet_dask() -> None:
+    """--quiet: nothing library-side. The resource tracker (a process of its own, started with
+    this interpreter's -W options) warns of "leaked semaphore objects" after a worker dies."""
+    sys.warnoptions.append("ignore::UserWarning:multiprocessing.resource_tracker")
+    warnings.filterwarnings("ignore", module="multiprocessing.resource_tracker")
+    logging.getLogger("distributed").setLevel(logging.ERROR)
 
 
 def follow(run: JobRun, futures: dict, progress: Progress, where: str) -> None:
