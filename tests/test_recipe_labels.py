@@ -85,3 +85,14 @@ def test_bfloat16_storage_error_is_within_the_stated_bound(tmp_path, tiny_model_
     rel = np.abs(stored[nonzero] - exact[nonzero]) / exact[nonzero]
     assert rel.max() <= 2.0 ** -8
     assert rel.max() > 2.0 ** -9
+
+
+def test_sql_has_a_view_per_recipe_label(variants):
+    views = set(variants.sql("SHOW TABLES")["name"])
+    assert {"topk_k2_mean", "topk_k3", "threshold_t0p05"} <= views
+    for label in ("topk_k2_mean", "topk_k3", "threshold_t0p05"):
+        n = variants.sql(f"SELECT count(*) AS n FROM {label}").n[0]
+        assert n == variants.sql(f"SELECT count(*) AS n FROM edges WHERE recipe_label = '{label}'").n[0] > 0
+    assert variants.recipe_labels["head_stats"] == "head_stats"  # the table itself, no second view
+    tokens = variants.sql("SELECT DISTINCT recipe_label FROM edges_tokens ORDER BY 1")
+    assert list(tokens.recipe_label) == ["threshold_t0p05", "topk_k2_mean", "topk_k3"]

@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from ..errors import ReadError
 from ..store import paths
@@ -90,6 +91,22 @@ class AttnDataset:
         self._check_table(table)
         return [self.path / f["path"] for _, r in sorted(self.records.items())
                 for f in r["files"] if f["table"] == table]
+
+    @cached_property
+    def recipe_labels(self) -> dict[str, str]:
+        """{recipe_label: table} of the recipes with committed rows, from one file's metadata
+        per (table, recipe) (schema v3 and later; empty for older data)."""
+        first: dict[tuple, str] = {}
+        for _, record in sorted(self.records.items()):
+            for f in record["files"]:
+                if f.get("recipe") is not None:
+                    first.setdefault((f["table"], f["recipe"]), f["path"])
+        labels = {}
+        for (table, _), rel in sorted(first.items()):
+            meta = pq.read_schema(self.path / rel).metadata or {}
+            if b"attnpipe.recipe_label" in meta:
+                labels[meta[b"attnpipe.recipe_label"].decode()] = table
+        return labels
 
     @property
     def provenance(self) -> dict:
@@ -184,7 +201,8 @@ class AttnDataset:
             from .query import Query
 
             check_committed(self.path, self.records)  # DuckDB does not verify page checksums
-            self._query = Query({t: self.files(t) for t in self.tables}, label=str(self.path))
+            self._query = Query({t: self.files(t) for t in self.tables}, label=str(self.path),
+                                recipes=self.recipe_labels)
         return self._query
 
     def sql(self, sql: str, output: str = "pandas"):

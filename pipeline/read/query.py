@@ -31,7 +31,7 @@ TOKEN_VIEWS = {
 _TOKEN_VIEW_SQL = """
 CREATE VIEW {name} AS
 SELECT e.doc_id, e.window_index, e.layer, {head}e.query_pos, q.token AS query_token,
-       e.key_pos, k.token AS key_token, e.weight, e.recipe, e.recipe_params
+       e.key_pos, k.token AS key_token, e.weight, e.recipe, e.recipe_params{label}
 FROM {base} e
 JOIN tokens q ON q.doc_id = e.doc_id AND q.window_index = e.window_index AND q.position = e.query_pos
 JOIN tokens k ON k.doc_id = e.doc_id AND k.window_index = e.window_index AND k.position = e.key_pos
@@ -129,7 +129,8 @@ class Query:
     """A DuckDB connection with one view per table of a dataset (and the token views), which can
     open only the dataset's committed files. `run(sql)` checks the statement, then runs it."""
 
-    def __init__(self, files: dict[str, list[Path]], label: str = "the dataset"):
+    def __init__(self, files: dict[str, list[Path]], label: str = "the dataset",
+                 recipes: dict[str, str] | None = None):
         self.label = label
         self.tables = sorted(t for t, fs in files.items() if fs)
         allowed = sorted(str(Path(f).resolve()) for fs in files.values() for f in fs)
@@ -148,19 +149,28 @@ class Query:
         self.con.execute("SET enable_external_access = false")
         self.con.execute("SET lock_configuration = true")
         try:
-            self._views(files)
+            self._views(files, recipes or {})
         except duckdb.Error as exc:  # a committed file that is not readable Parquet any more
             self.close()
             raise damaged(label, _first_line(exc)) from None
 
-    def _views(self, files: dict[str, list[Path]]) -> None:
+    def _views(self, files: dict[str, list[Path]], recipes: dict[str, str]) -> None:
+        """A view per table, the token joins, and one view per recipe label (`topk_k8_mean`:
+        that recipe's rows of its table) where the label names nothing else."""
         for table in self.tables:
             paths = [str(Path(f).resolve()) for f in files[table]]
             self.con.execute(f'CREATE VIEW "{table}" AS SELECT * FROM read_parquet({_sql_list(paths)})')
+        self.views = list(self.tables)
         for name, (base, head) in TOKEN_VIEWS.items():
             if base in self.tables and "tokens" in self.tables:
-                self.con.execute(_TOKEN_VIEW_SQL.format(name=name, base=base, head=head))
-        self.views = self.tables + [n for n, (b, _) in TOKEN_VIEWS.items() if b in self.tables and "tokens" in self.tables]
+                columns = [d[0] for d in self.con.execute(f'SELECT * FROM "{base}" LIMIT 0').description]
+                label = ", e.recipe_label" if "recipe_label" in columns else ""  # schema v3 and later
+                self.con.execute(_TOKEN_VIEW_SQL.format(name=name, base=base, head=head, label=label))
+                self.views.append(name)
+        for label, table in sorted(recipes.items()):
+            if table in self.tables and label not in self.views and label.isidentifier():
+                self.con.execute(f'CREATE VIEW "{label}" AS SELECT * FROM "{table}" WHERE recipe_label = \'{label}\'')
+                self.views.append(label)
 
     def run(self, sql: str) -> duckdb.DuckDBPyRelation:
         """The relation of a read-only statement (lazy: nothing is read until it is fetched)."""

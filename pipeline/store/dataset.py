@@ -19,6 +19,7 @@ from ..errors import OutputError
 from . import paths
 from .commit import read_records, remove_record, write_json
 from .location import Location, as_location
+from .schema import SCHEMA_VERSION
 
 log = logging.getLogger("attnpipe")
 
@@ -44,7 +45,7 @@ def check_format(out: Location | Path | str) -> None:
             version = "unknown"
         if version != paths.FORMAT_VERSION:
             raise OutputError(f"{loc} was written by attnpipe 0.1 (storage format {version}, schema v1); this "
-                              f"attnpipe reads and writes format {paths.FORMAT_VERSION} (schema v2): rerun the job "
+                              f"attnpipe reads and writes format {paths.FORMAT_VERSION} (schema v{SCHEMA_VERSION}): rerun the job "
                               "into another --output, or with --new-run to write beside the old data")
 
 
