@@ -40,7 +40,7 @@ def cli():
 @click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--output", "-o", help="Output directory (overrides run.output).")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N documents (corpus.limit).")
-@click.option("--device", help="auto, cpu, cuda or cuda:N (run.device).")
+@click.option("--device", help="auto, cpu, cuda, cuda:N or mps (run.device).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="model.dtype.")
 @click.option("--model", "model_name", help="Model directory or hub name (model.name).")
 @click.option("--num-shards", type=click.IntRange(min=1), help="run.num_shards.")
@@ -108,8 +108,9 @@ def run(job_file, output, limit, device, dtype, model_name, num_shards, batch_to
                    f"{t['tokens']} tokens")
         p = summary.provenance or {}
         if p.get("window_length"):
-            click.echo(f"  windows of {p['window_length']} tokens (from {p.get('window_from', 'the job')}; "
-                       "model.max_length sets another)")
+            why = p.get("window_from", "model.max_length")
+            click.echo(f"  windows of {p['window_length']} tokens ({why}" +
+                       ("" if why == "model.max_length" else "; model.max_length sets another") + ")")
         for table, n in sorted(t["rows"].items()):
             click.echo(f"  {table:<11} {n:>10,} rows")
         if t["empty_documents"]:
@@ -158,7 +159,7 @@ def schema(table, as_json):
 
 
 @cli.command()
-@click.argument("output", type=click.Path(file_okay=False))
+@click.argument("output")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @command_boundary
 def inspect(output, as_json):
@@ -170,7 +171,7 @@ def inspect(output, as_json):
 
 
 @cli.command()
-@click.argument("output", type=click.Path(file_okay=False))
+@click.argument("output")
 @command_boundary
 def verify(output):
     """Check every committed file of OUTPUT against its commit record (presence, size, sha256,
@@ -189,7 +190,7 @@ def verify(output):
 
 
 @cli.command()
-@click.argument("output", type=click.Path(file_okay=False))
+@click.argument("output")
 @click.argument("table", required=False)
 @command_boundary
 def files(output, table):
@@ -209,7 +210,7 @@ def files(output, table):
 
 
 @cli.command()
-@click.argument("output", type=click.Path(file_okay=False))
+@click.argument("output")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for schedulers.")
 @command_boundary
 def status(output, as_json):
@@ -258,7 +259,7 @@ def _open_read(output, out_file=None):
 
 
 @cli.command()
-@click.argument("output", type=click.Path(file_okay=False))
+@click.argument("output")
 @click.argument("sql")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]), default="table",
               show_default=True, help="Aligned table for people; CSV, JSON (an array of rows) or Parquet for programs.")
@@ -290,7 +291,7 @@ def query(output, sql, fmt, out_file, max_rows, max_width):
 
 
 @cli.command()
-@click.argument("output", type=click.Path(file_okay=False))
+@click.argument("output")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True,
               help="Aligned table (mean±std) for people; CSV or JSON with every mean and std column.")
 @_out_option("Write to FILE instead of stdout.")
@@ -328,7 +329,7 @@ def _span(value: str | None) -> tuple[int, int] | None:
 
 
 @cli.command()
-@click.argument("output", type=click.Path(file_okay=False))
+@click.argument("output")
 @_out_option("Image to write: FILE.png or FILE.svg.")
 @click.option("--doc", "doc_id", help="Document id (heatmap and --rollout).")
 @click.option("--layer", type=int, help="Layer of the heatmap (0-based).")
@@ -387,7 +388,7 @@ def plot(output, out_file, doc_id, layer, head, window_index, grid_stat, rollout
 
 
 @cli.command()
-@click.argument("output", type=click.Path(file_okay=False))
+@click.argument("output")
 @_out_option("The HTML file to write (one self-contained file; opens offline).")
 @click.option("--doc", "doc_ids", multiple=True, help="A document for the heatmaps and the head view "
                                                        "(repeat for several); default: a few short ones.")

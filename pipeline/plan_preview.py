@@ -364,7 +364,7 @@ def format_preview(p: dict, max_shards: int = 20) -> str:
     if len(p["to_run"]) > max_shards:
         lines.append(f"  ... and {plural(len(p['to_run']) - max_shards, 'more shard')}")
     shape = f"{m['layers']} layers x {m['heads']} heads" if m["layers"] and m["heads"] else "layers/heads unknown"
-    lines.append(f"model:      {m['name']}: {shape}, windows of {m['window']} tokens (from {m['window_from']}; {m['special_tokens']} special, "
+    lines.append(f"model:      {m['name']}: {shape}, windows of {m['window']} tokens ({m['window_from']}; {m['special_tokens']} special, "
                  f"{m['stride']} shared with the window before)" + (", causal" if m["causal"] else ""))
     how = (f"{e['tokens_per_char']} tokens per character from {e['sampled_documents']} sampled documents"
            if m["tokenizer"] else f"no tokenizer.json found for {m['name']}: characters / 4")

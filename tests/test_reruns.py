@@ -90,3 +90,16 @@ def test_default_text_unit_spelled_out_is_the_same_job(tmp_path):
         explicit = build_job({"corpus": {"path": path, "text_unit": unit}}, base_dir=tmp_path)
         other = build_job({"corpus": {"path": path, "text_unit": "paragraph"}}, base_dir=tmp_path)
         assert implicit.fingerprint() == explicit.fingerprint() != other.fingerprint()
+
+
+def test_deleted_dataset_json_does_not_block_the_rerun(tmp_path, tiny_model_dir):
+    job = make_project(tmp_path / "proj", tiny_model_dir("bert"))
+    out = tmp_path / "out"
+    assert invoke("run", job, "-o", out, "--limit", 4, "-q").exit_code == 0
+    (out / "_dataset.json").unlink()
+    assert invoke("verify", out).exit_code == 1  # verify says it is missing
+    again = invoke("run", job, "-o", out)  # the records say whose data this is: continue, grow
+    assert again.exit_code == 0, again.output
+    assert "2 already committed" in again.output
+    assert (out / "_dataset.json").is_file() and len(doc_ids(out)) == len(TEXTS)
+    assert invoke("verify", out).exit_code == 0

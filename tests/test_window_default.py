@@ -22,11 +22,11 @@ def test_declared_training_length_is_the_default_window(tmp_path, tiny_model_dir
 
     preview = invoke("run", job, "--dry-run")
     assert preview.exit_code == 0, preview.output
-    assert "windows of 24 tokens (from sentence_bert_config.json max_seq_length" in preview.output
+    assert "windows of 24 tokens (sentence_bert_config.json max_seq_length" in preview.output
 
     result = invoke("run", job)
     assert result.exit_code == 0, result.output
-    assert "windows of 24 tokens (from sentence_bert_config.json max_seq_length" in result.output
+    assert "windows of 24 tokens (sentence_bert_config.json max_seq_length" in result.output
     ds = open_dataset(tmp_path / "out")
     assert ds.provenance["window_length"] == 24
     assert ds.to_pandas("tokens").groupby("window_index").position.max().max() == 23
@@ -40,4 +40,4 @@ def test_job_max_length_overrides_and_is_named(tmp_path, tiny_model_dir):
     corpus.write_text(json.dumps({"text": "a short text"}) + "\n")
     result = invoke("run", write_job(tmp_path, corpus, model=model, device="cpu"))
     assert result.exit_code == 0, result.output
-    assert "windows of 64 tokens (from model.max_length" in result.output
+    assert "windows of 64 tokens (model.max_length)" in result.output

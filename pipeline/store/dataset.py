@@ -93,6 +93,10 @@ def choose_output(root: Location | Path | str, fingerprint: str, parts: dict, ne
         info = read_info(folder)
         if info and info.get("job_fingerprint") == fingerprint:
             return folder
+        if info is None and _records_of_job(folder, fingerprint):
+            log.warning("%s has no %s (deleted?); its commit records say it holds this job's data, so the run "
+                        "continues there and writes it again", folder, paths.DATASET)
+            return folder
     latest = version_location(root, max(present))
     check_format(latest)
     if not read_records(latest):
@@ -103,6 +107,12 @@ def choose_output(root: Location | Path | str, fingerprint: str, parts: dict, ne
     raise OutputError(f"{latest} holds data of a different job ({shown}); rerun with --new-run to write "
                       f"{version_location(root, max(present) + 1)} beside it (the old data stays readable), "
                       "or choose another --output")
+
+
+def _records_of_job(folder: Location, fingerprint: str) -> bool:
+    """Every commit record of `folder` was written by the job with this fingerprint."""
+    records = read_records(folder)
+    return bool(records) and all(r.get("job_fingerprint") == fingerprint for r in records.values())
 
 
 def write_info(out: Location | Path | str, job_dict: dict, fingerprint: str, parts: dict, plan: dict) -> None:

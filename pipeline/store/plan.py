@@ -44,6 +44,8 @@ def make_plan(rows: int, num_shards: int, stored: dict | None, committed: dict[i
               limit: int | None = None) -> dict:
     """The plan for a corpus of `rows` rows: the stored plan, extended for appended rows (or a
     larger `corpus.limit`); a new one when nothing is committed yet."""
+    if committed and not stored:  # _dataset.json was lost: the committed shards' rows are the plan
+        stored = plan_from_records(committed, num_shards)
     if not stored or not committed:
         return {"num_shards": num_shards, "rows_per_shard": max(1, math.ceil(rows / num_shards)),
                 "corpus_rows": rows, "shards": contiguous(rows, num_shards)}
@@ -66,6 +68,22 @@ def make_plan(rows: int, num_shards: int, stored: dict | None, committed: dict[i
         shards.append([covered, min(covered + step, rows)])
         covered = shards[-1][1]
     return {**stored, "corpus_rows": rows, "shards": shards}
+
+
+def plan_from_records(committed: dict[int, dict], num_shards: int) -> dict:
+    """The plan as far as the commit records tell it: each committed shard's rows; a shard
+    missing between two committed ones covers the rows between them."""
+    shards, covered = [], 0
+    for index in range(max(committed) + 1):
+        if index in committed:
+            start, stop = committed[index]["corpus_rows"]
+        else:
+            later = [committed[s]["corpus_rows"][0] for s in committed if s > index]
+            start, stop = covered, min(later)
+        shards.append([start, stop])
+        covered = stop
+    size = max(stop - start for start, stop in shards)
+    return {"num_shards": num_shards, "rows_per_shard": max(size, 1), "corpus_rows": covered, "shards": shards}
 
 
 def shard_specs(plan: dict) -> list[ShardSpec]:
