@@ -23,3 +23,23 @@ def test_output_that_is_a_file_is_one_line(tmp_path, command):
 
 def test_run_help_lists_every_device():
     assert "mps" in invoke("run", "--help").output
+
+
+def test_unwritable_hf_home_does_not_stop_a_local_run(tmp_path, tiny_model_dir):
+    """HF_HOME (and the datasets cache) on a path nobody can create: a run on a local corpus and
+    model needs neither, so it completes; nothing it needs is written there."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import write_job
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"text": "hello world"}) + "\n")
+    job = write_job(tmp_path, corpus, model=tiny_model_dir("bert"), device="cpu")
+    env = {**os.environ, "HF_HOME": "/proc/attnpipe-nowhere/hf", "HF_DATASETS_CACHE": "/proc/attnpipe-nowhere/ds"}
+    done = subprocess.run([sys.executable, "-m", "attnpipe.cli", "run", str(job), "-q"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
