@@ -173,3 +173,25 @@ def test_head_view_answers_hover_and_click(browser, report):
     Select(browser.find_element(By.ID, "hv-doc")).select_by_index(1)
     assert len(browser.find_elements(By.CSS_SELECTOR, "#hv-svg text.tok.q")) > 3
     assert _errors(browser) == []
+
+
+def test_notebook_view_renders_inside_its_sandboxed_iframe(browser, dense, tmp_path):
+    """What Jupyter shows for a dataset (`_repr_html_`): the head view in an iframe's srcdoc,
+    sandboxed (scripts only), which draws its tokens and answers a hover."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    cell = tmp_path / "cell.html"
+    cell.write_text(f"<!DOCTYPE html><html><body><div class='output'>{dense._repr_html_()}</div></body></html>")
+    browser.get(cell.as_uri())
+    frame = browser.find_element(By.TAG_NAME, "iframe")
+    assert frame.get_attribute("sandbox") == "allow-scripts"
+    browser.switch_to.frame(frame)
+    try:
+        tokens = browser.find_elements(By.CSS_SELECTOR, "#hv-svg text.tok.q")
+        assert len(tokens) > 3
+        ActionChains(browser).move_to_element(tokens[2]).perform()
+        assert "attends to" in browser.find_element(By.ID, "hv-info").text
+        assert _errors(browser) == []
+    finally:
+        browser.switch_to.default_content()
