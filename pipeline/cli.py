@@ -148,7 +148,8 @@ def schema(table, as_json):
                        else c for c in s.columns]
             click.echo(json.dumps({"table": s.name, "version": s.version, "columns": columns}, indent=2))
             continue
-        part = ", one folder per layer (layer-NNN)" if s.layer_folders else ""
+        part = (", one folder per layer (layer-NNN), under encoder-self/, decoder-self/ and decoder-cross/ "
+                "in encoder-decoder runs") if s.layer_folders else ""
         click.echo(click.style(f"{s.name}", bold=True) + f" (v{s.version}{part}): {s.description}")
         for c in s.columns:
             click.echo(f"    {c['name']:<14} {stored.get(c['type'], c['type']):<14} {c['description']}")

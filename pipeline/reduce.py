@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .capture import LayerInputs, capture_layers
+from .capture import LayerInputs, SiteKey, capture_layers
 from .model import LoadedModel
 from .recipes import RECIPES, BatchMasks, LayerAttention
 from .recipes.fused import FusedAttention
@@ -22,6 +22,12 @@ class Output:
     recipe: int  # index into the job's recipe list
     layer: int
     columns: dict[str, np.ndarray]
+    stack: str = "encoder"  # the site of the layer: encoder or decoder stack, self or cross attention
+    attention: str = "self"
+
+    @property
+    def site(self) -> tuple[str, str]:
+        return self.stack, self.attention
 
 
 def batch_masks(lm: LoadedModel, windows: list[Window], ids: torch.Tensor) -> BatchMasks:
@@ -58,13 +64,14 @@ class PendingBatch:
     """A batch's recipe outputs on their way to the host. On CUDA the copies into pinned host
     memory are issued without blocking, so the next batch can start; `outputs()` waits for them."""
 
-    parts: list[tuple[int, int, dict[str, torch.Tensor]]]  # (recipe, layer, host columns)
+    parts: list[tuple[int, SiteKey, dict[str, torch.Tensor]]]  # (recipe, site, host columns)
     event: "torch.cuda.Event | None" = None
 
     def outputs(self) -> list[Output]:
         if self.event is not None:
             self.event.synchronize()
-        return [Output(i, layer, {k: v.numpy() for k, v in cols.items()}) for i, layer, cols in self.parts]
+        return [Output(i, site.layer, {k: v.numpy() for k, v in cols.items()}, site.stack, site.kind)
+                for i, site, cols in self.parts]
 
 
 CPU_SLICE_BYTES = 8 << 20  # of one layer's float32 probabilities: a few windows (measured best of 1-32 MiB)
@@ -99,7 +106,7 @@ def reduce_batch_async(lm: LoadedModel, windows: list[Window], recipes: list[dic
     """One batch through the model; every self-attention layer through every recipe."""
     ids, attention_mask = (t.to(lm.device) for t in collate(windows, lm.pad_id))
     masks = batch_masks(lm, windows, ids)
-    pending: list[tuple[int, int, dict[str, torch.Tensor]]] = []
+    pending: list[tuple[int, SiteKey, dict[str, torch.Tensor]]] = []
     slices = window_slices(lm, len(windows), ids.shape[1])
     slice_masks = [masks] if len(slices) == 1 else [masks.rows(lo, hi) for lo, hi in slices]
     carries: list[dict[int, torch.Tensor]] = [{} for _ in slices]  # stateful recipes' state, per slice
@@ -111,7 +118,7 @@ def reduce_batch_async(lm: LoadedModel, windows: list[Window], recipes: list[dic
         if lm.kernels is not None:
             att = FusedAttention(layer, masks, inputs, lm.kernels)
             for i, cols in apply_recipes(att, recipes, carries[0]):
-                pending.append((i, layer, {k: _to_host(v) for k, v in cols.items()}))
+                pending.append((i, inputs.site, {k: _to_host(v) for k, v in cols.items()}))
             return
         parts: dict[int, list[tuple[int, dict[str, torch.Tensor]]]] = {}
         for (lo, hi), part_masks, carry in zip(slices, slice_masks, carries):
@@ -119,7 +126,7 @@ def reduce_batch_async(lm: LoadedModel, windows: list[Window], recipes: list[dic
             for i, cols in apply_recipes(att, recipes, carry):
                 parts.setdefault(i, []).append((lo, cols))
         for i, cols in parts.items():
-            pending.append((i, layer, {k: _to_host(v) for k, v in _merge(cols).items()}))
+            pending.append((i, inputs.site, {k: _to_host(v) for k, v in _merge(cols).items()}))
 
     with capture_layers(sink, backend=lm.capture_backend, model=lm.model, causal=lm.causal):
         lm.forward(ids, attention_mask)

@@ -122,12 +122,13 @@ def document_columns(docs: ShardDocs, part: slice, windows: list[Window], texts:
 
 
 def token_columns(doc_ids: list[str], windows: list[Window], tokenizer) -> dict:
-    cols: dict[str, list] = {k: [] for k in ("doc_id", "window_index", "position", "token_id", "token",
+    cols: dict[str, list] = {k: [] for k in ("doc_id", "window_index", "side", "position", "token_id", "token",
                                              "char_start", "char_end", "special")}
     for w in windows:
         n = len(w)
         cols["doc_id"] += [doc_ids[w.doc_index]] * n
         cols["window_index"] += [w.window] * n
+        cols["side"] += ["source"] * n
         cols["position"] += range(n)
         cols["token_id"] += w.input_ids
         cols["token"] += tokenizer.convert_ids_to_tokens(w.input_ids)
@@ -210,7 +211,7 @@ def _write_batch(writer: ShardWriter, background: BackgroundWriter, rt: Runtime,
             for output in pending.outputs():
                 table = RECIPES[job.recipes[output.recipe]["name"]].table
                 writer.write_batch(table, output_columns(output, doc_index, window_ids),
-                                   layer=output.layer, recipe=output.recipe)
+                                   layer=output.layer, recipe=output.recipe, site=output.site)
 
         background.put(write)
     faults.point("batch")

@@ -8,6 +8,7 @@
     OUT/_staging/shard-00000-<attempt>/...   files of an attempt in progress
     OUT/documents/shard-00000-<attempt>-0.parquet
     OUT/edges/layer-003/shard-00000-<attempt>-r1-0.parquet   (r1: the job's recipe 1)
+    OUT/edges/decoder-cross/layer-003/...   encoder-decoder runs: a folder per site (stack-attention)
     OUT/v2/...                         a later run of a changed job (`attnpipe run --new-run`)
 """
 
@@ -42,10 +43,18 @@ def layer_folder(layer: int) -> str:
     return f"layer-{layer:03d}"
 
 
+def site_folder(stack: str, attention: str) -> str:
+    """The folder of one attention site (encoder-self, decoder-self, decoder-cross) in the runs
+    of encoder-decoder models, whose three sites share layer numbers."""
+    return f"{stack}-{attention}"
+
+
 def data_file(table: str, shard: int, attempt: str, layer: int | None, recipe: int | None,
-              part: int) -> Path:
-    """Path of one data file, relative to the output directory."""
-    folder = Path(table) if layer is None else Path(table) / layer_folder(layer)
+              part: int, site: str | None = None) -> Path:
+    """Path of one data file, relative to the output directory; `site` (a `site_folder`) only
+    where one run writes several sites' layers."""
+    folder = Path(table) if site is None else Path(table) / site
+    folder = folder if layer is None else folder / layer_folder(layer)
     tag = "" if recipe is None else f"-r{recipe}"
     return folder / f"{shard_name(shard)}-{attempt}{tag}-{part}.parquet"
 

@@ -1,6 +1,6 @@
 """The streaming shard writer: rows go to Parquet as they are produced.
 
-One open `pq.ParquetWriter` per (table, layer, recipe) in the attempt's staging folder, opened
+One open `pq.ParquetWriter` per (table, site, layer, recipe) in the attempt's staging folder, opened
 when its first rows arrive. Rows wait in a small buffer; a full buffer is sorted and written as
 row groups, one per `head` (so a filter on one head skips the others' row groups by their
 statistics), and a file is closed and a new part begun once it passes `max_file_bytes` (a closed
@@ -10,7 +10,7 @@ the shard or of one document.
 Two things keep the sort cheap. A producer may hand `doc_index` (int32, positions in the shard's
 sorted `doc_ids`) in place of the `doc_id` strings: rows are sorted on the integers and the
 strings are made once, after the sort. Columns that are the same on every row of a file
-(`recipe`, `recipe_params`) are never buffered: they are added at write time from one cached
+(`recipe`, `recipe_params`, the site's `stack` and `attention`) are never buffered: they are added at write time from one cached
 array, as zero-copy slices.
 
 Rows reach the writer chunk by chunk in doc_id order (the step walks each shard sorted by
@@ -42,6 +42,7 @@ from .schema import table_schema
 # makes the repeated strings (doc_id, recipe, recipe_params) nearly free; character offsets grow
 # along a window, so they delta-encode; zstd levels above 3 gained nothing on float16 weights.
 DELTA_COLUMNS = ("char_start", "char_end")
+DEFAULT_SITE = ("encoder", "self")  # of layered rows written without a site
 ZSTD_LEVEL = 3
 
 
@@ -63,6 +64,7 @@ class FileInfo:
     rows: int
     bytes: int
     sha256: str
+    site: str | None = None  # "decoder-cross", ...: the site folder of encoder-decoder runs
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,10 +82,12 @@ def sha256_of(source) -> str:
 
 
 class _TableWriter:
-    """Buffered rows of one (table, layer, recipe) and its current Parquet file."""
+    """Buffered rows of one (table, site, layer, recipe) and its current Parquet file."""
 
-    def __init__(self, owner: "ShardWriter", table: str, layer: int | None, recipe: int | None):
+    def __init__(self, owner: "ShardWriter", table: str, layer: int | None, recipe: int | None,
+                 site: tuple[str, str] | None = None):
         self.owner, self.table, self.layer, self.recipe = owner, table, layer, recipe
+        self.site = site  # (stack, attention) of a layered table's rows
         self.declared = table_schema(table)
         self.buffer: list[pa.Table] = []
         self.buffered_rows = self.buffered_bytes = 0
@@ -99,12 +103,15 @@ class _TableWriter:
 
     @cached_property
     def constants(self) -> dict[str, str]:
-        """Columns with one value in the whole file: the recipe's name and parameters."""
-        if self.recipe not in self.owner.recipes:
-            return {}
-        name, params = self.owner.recipes[self.recipe]
-        values = {"recipe": name, "recipe_params": params,
-                  "recipe_label": paths.recipe_label(name, json.loads(params))}
+        """Columns with one value in the whole file: the recipe's name and parameters, and the
+        site (stack, attention) of a layered table."""
+        values = {}
+        if self.recipe in self.owner.recipes:
+            name, params = self.owner.recipes[self.recipe]
+            values = {"recipe": name, "recipe_params": params,
+                      "recipe_label": paths.recipe_label(name, json.loads(params))}
+        if self.declared.layer_folders:
+            values["stack"], values["attention"] = self.site or DEFAULT_SITE
         return {c: v for c, v in values.items() if c in self.schema.names}
 
     def buffer_schema(self, names) -> pa.Schema:
@@ -166,7 +173,8 @@ class _TableWriter:
     def _open(self) -> pq.ParquetWriter:
         if self.writer is None:
             o = self.owner
-            self.rel = paths.data_file(self.table, o.shard, o.attempt, self.layer, self.recipe, self.part)
+            self.rel = paths.data_file(self.table, o.shard, o.attempt, self.layer, self.recipe, self.part,
+                                       self.site_folder)
             target = o.staging / self.rel
             target.parent.mkdir(parents=True, exist_ok=True)
             schema = o.schema(self.table, self.recipe)
@@ -184,6 +192,12 @@ class _TableWriter:
             self.rows_in_file = 0
         return self.writer
 
+    @property
+    def site_folder(self) -> str | None:
+        if not (self.owner.site_folders and self.declared.layer_folders):
+            return None
+        return paths.site_folder(*(self.site or DEFAULT_SITE))
+
     def close(self) -> None:
         if self.writer is None:
             return
@@ -192,7 +206,7 @@ class _TableWriter:
         target = self.owner.staging / self.rel
         fsync_path(target)
         self.files.append(FileInfo(str(self.rel), self.table, self.layer, self.recipe, self.rows_in_file,
-                                   target.stat().st_size, sha256_of(target)))
+                                   target.stat().st_size, sha256_of(target), self.site_folder))
         self.part += 1
 
 
@@ -204,8 +218,10 @@ class ShardWriter:
     def __init__(self, staging_root: Path, shard: int, attempt: str, provenance: dict, *,
                  weight_dtype: str = "bfloat16", buffer_bytes: int = 64 << 20,
                  flush_rows: int = 1 << 17, row_group_rows: int = 1 << 14,
-                 max_file_bytes: int = 256 << 20):
+                 max_file_bytes: int = 256 << 20, site_folders: bool = False):
         self.shard, self.attempt = shard, attempt
+        # Encoder-decoder runs write three sites with the same layer numbers: a folder per site.
+        self.site_folders = site_folders
         self.staging = paths.staging_dir(Path(staging_root), shard, attempt)
         self.provenance = json.dumps(provenance, sort_keys=True, default=str)
         self.weight_dtype = weight_dtype
@@ -262,10 +278,12 @@ class ShardWriter:
         self._doc_ids = ids
 
     def write_batch(self, table: str, columns: dict, layer: int | None = None,
-                    recipe: int | None = None, extra: pa.Schema | None = None) -> None:
+                    recipe: int | None = None, extra: pa.Schema | None = None,
+                    site: tuple[str, str] | None = None) -> None:
         """Add rows of `table`; `extra` declares passthrough columns beyond its schema. A recipe
-        table's `recipe` and `recipe_params` columns come from `recipes`; `doc_index` may stand
-        for `doc_id` (see the module's docstring)."""
+        table's `recipe` and `recipe_params` columns come from `recipes`, a layered table's
+        `stack` and `attention` from `site` (default encoder, self); `doc_index` may stand for
+        `doc_id` (see the module's docstring)."""
         if extra is not None:
             self.extra[table] = extra
         if layer is not None:
@@ -273,9 +291,9 @@ class ShardWriter:
         if self.weight_dtype == "bfloat16":
             columns = {k: _round_values(v) if k in table_schema(table).value_columns else v
                        for k, v in columns.items()}
-        key = (table, layer, recipe)
+        key = (table, site, layer, recipe)
         if key not in self.writers:
-            self.writers[key] = _TableWriter(self, table, layer, recipe)
+            self.writers[key] = _TableWriter(self, table, layer, recipe, site)
         writer = self.writers[key]
         writer.add(pa.Table.from_pydict(columns, schema=writer.buffer_schema(columns)))
         if writer.buffered_rows >= self.flush_rows:
