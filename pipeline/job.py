@@ -56,6 +56,20 @@ class CorpusSpec(_Section):
         return value
 
 
+class AttentionModuleSpec(_Section):
+    # Modules of a factory's model that compute attention, by qualified name; `*` stands for one
+    # part of the name (blocks.*.attn matches blocks.0.attn, not blocks.0.mlp.attn).
+    pattern: str
+    # Where each such module's (batch, head, query_pos, key_pos) probabilities are after its
+    # forward: output[1] (it returns (output, weights)), output.attn_weights, output["weights"],
+    # or module.last_weights (it keeps them in an attribute).
+    weights: str
+
+    def path(self) -> tuple[str, tuple[tuple[str, Any], ...]]:
+        """The weights path parsed: ("output", (("item", 1),)); see pipeline/capture/modules.py."""
+        return parse_weights_path(self.weights)
+
+
 class ModelSpec(_Section):
     # A local directory, a hub name, or the embedded default "all-MiniLM-L6-v2".
     name: str = "all-MiniLM-L6-v2"
@@ -68,6 +82,11 @@ class ModelSpec(_Section):
     trust_remote_code: bool = False
     # Pickle checkpoints (.bin) can run code when loaded: only safetensors unless asked for.
     allow_pickle: bool = False
+    # "package.module:function" returning (model, tokenizer): any torch model (README, "Models
+    # that are not transformers models"). It runs the job's Python code, so only with allow_code.
+    factory: str | None = None
+    allow_code: bool = False
+    attention_modules: list[AttentionModuleSpec] = Field(default_factory=list)
 
 
 class RunSpec(_Section):
@@ -246,6 +265,7 @@ def build_job(data: dict, source: str = "job", base_dir: str | Path = ".",
             raise JobError(f"{source}: recipes[{i}] repeats recipes[{first}] ({recipe_id(r)}), which "
                            "would store every row twice; remove one or change its parameters")
     _check_metadata_columns(job.corpus, source)
+    _check_factory(job.model, source)
     if job.model.max_length is not None and job.model.stride >= job.model.max_length - 2:
         raise JobError(f"{source}: 'model.stride' ({job.model.stride}) must be smaller than "
                        f"model.max_length - 2 ({job.model.max_length - 2})")
@@ -266,6 +286,57 @@ def _check_values(node: Any, source: str, where: str = "") -> None:
                        "quote it if you meant a string, or give a number")
     elif isinstance(node, float) and not math.isfinite(node):
         raise JobError(f"{source}: '{where}': {node} is not valid here; give a finite number")
+
+
+FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+_PATH_ROOT = re.compile(r"^(output|module)")
+_PATH_STEP = re.compile(r"\[(\d+)\]|\[(\"[^\"]*\"|'[^']*')\]|\.([A-Za-z_]\w*)")
+WEIGHTS_FORMS = "output[1], output.NAME, output[\"KEY\"] or module.NAME"
+
+
+def parse_weights_path(text: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    """'output[1]' -> ("output", (("item", 1),)); ValueError for anything else."""
+    root = _PATH_ROOT.match(text)
+    if root is None:
+        raise ValueError(f"must start with output or module ({WEIGHTS_FORMS})")
+    steps, at = [], root.end()
+    while at < len(text):
+        step = _PATH_STEP.match(text, at)
+        if step is None:
+            raise ValueError(f"cannot read {text[at:]!r}; write {WEIGHTS_FORMS}")
+        index, key, attr = step.groups()
+        steps.append(("item", int(index)) if index else ("item", key[1:-1]) if key else ("attr", attr))
+        at = step.end()
+    if root.group(1) == "module" and not steps:
+        raise ValueError("module alone is the module itself; name its attribute: module.NAME")
+    return root.group(1), tuple(steps)
+
+
+def _check_factory(model: ModelSpec, source: str) -> None:
+    """[model] factory, allow_code and attention_modules: refused before any code runs."""
+    if model.factory is None:
+        if model.attention_modules:
+            raise JobError(f"{source}: 'model.attention_modules' applies to a model built by model.factory; "
+                           "a transformers model's attention is captured without it")
+        return
+    if not FACTORY.match(model.factory):
+        raise JobError(f"{source}: 'model.factory' {model.factory!r} must be package.module:function")
+    if not model.allow_code:
+        raise JobError(f"{source}: 'model.factory' runs Python code ({model.factory}); set model.allow_code "
+                       "= true in [model] if you trust it")
+    if "name" in model.model_fields_set:
+        raise JobError(f"{source}: 'model.name' and 'model.factory' are both set; the factory builds the "
+                       "model, so leave model.name out")
+    for i, spec in enumerate(model.attention_modules):
+        where = f"{source}: 'model.attention_modules[{i}]"
+        parts = spec.pattern.split(".")
+        if not all(parts):
+            raise JobError(f"{where}.pattern' {spec.pattern!r} must be a dotted module name, `*` for one part "
+                           "(blocks.*.attn)")
+        try:
+            spec.path()
+        except ValueError as exc:
+            raise JobError(f"{where}.weights' {spec.weights!r}: {exc}") from None
 
 
 def _check_metadata_columns(corpus: CorpusSpec, source: str) -> None:

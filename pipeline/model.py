@@ -210,9 +210,17 @@ class LoadedModel:
         return "sdpa" if self.backend == "fused" else self.backend
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        """Run the (encoder) stack; attention goes to whatever sink is active."""
-        self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None
+                ) -> None:
+        """Run the (encoder) stack; attention goes to whatever sink is active. With decoder inputs
+        (an encoder-decoder's teacher-forced target, pipeline/pairs.py) the whole model runs, so
+        the decoder's self- and cross-attention reach the sink too."""
+        if decoder_input_ids is None:
+            self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+        else:
+            self.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                       decoder_attention_mask=decoder_attention_mask)
 
     def _probe(self) -> tuple[bool, int, int]:
         """Causal or not, layers and heads, read off one tiny forward pass: a causal model puts
@@ -223,10 +231,14 @@ class LoadedModel:
                                model=self.model):
             self.forward(ids, torch.ones_like(ids))
         if not seen:
-            raise ModelError(f"{self.name}: no attention layer called the attnpipe capture "
-                             "function; this architecture is not supported")
+            raise ModelError(self.nothing_captured())
         causal = all(bool((p.triu(1) == 0).all()) for p in seen)
         return causal, len(seen), seen[0].shape[1]
+
+    def nothing_captured(self) -> str:
+        """Why one forward pass captured no attention (pipeline/factory.py says what it tried)."""
+        return (f"{self.name}: no attention layer called the attnpipe capture function; this architecture "
+                "is not supported")
 
     @property
     def pad_id(self) -> int:
@@ -285,8 +297,17 @@ def _is_punct(token: str | None) -> bool:
 
 def load_model(name: str, *, base_dir: Path = Path("."), revision: str | None = None,
                dtype: str = "float32", device: str = "auto", trust_remote_code: bool = False,
-               allow_pickle: bool = False, backend: str = "auto") -> LoadedModel:
-    """Load from the embedded default, a local directory or the hub. Raises ModelError."""
+               allow_pickle: bool = False, backend: str = "auto", factory: str | None = None,
+               allow_code: bool = False, attention_modules: list | None = None) -> LoadedModel:
+    """Load from the embedded default, a local directory or the hub, or build with a factory
+    (pipeline/factory.py; only with allow_code). Raises ModelError."""
+    if factory is not None:
+        if not allow_code:
+            raise JobError(f"model.factory runs Python code ({factory}); set model.allow_code = true if you trust it")
+        from .factory import load_factory_model
+
+        return load_factory_model(factory, base_dir=base_dir, dtype=dtype, device=device, backend=backend,
+                                  patterns=[(m.pattern, m.path()) for m in attention_modules or []])
     target = pick_device(device)  # fail on a bad device before spending time on loading
     source, local = resolve_source(name, base_dir)
     if local and not allow_pickle and not list(Path(source).glob("*.safetensors")):

@@ -29,7 +29,8 @@ def load_job_model(job: JobSpec) -> "LoadedModel":
     m = job.model
     return load_model(m.name, base_dir=Path(job.base_dir), revision=m.revision, dtype=m.dtype,
                       device=job.run.device, trust_remote_code=m.trust_remote_code,
-                      allow_pickle=m.allow_pickle, backend=job.run.attention)
+                      allow_pickle=m.allow_pickle, backend=job.run.attention, factory=m.factory,
+                      allow_code=m.allow_code, attention_modules=m.attention_modules)
 
 
 @dataclass

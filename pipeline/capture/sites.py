@@ -30,19 +30,24 @@ def module_names(model: torch.nn.Module) -> dict[int, str]:
     return {id(m): name for name, m in model.named_modules()}
 
 
-def site_key(module: torch.nn.Module, names: dict[int, str], causal_model: bool | None = None) -> SiteKey:
-    """The one place a site is named."""
+def site_key(module: torch.nn.Module, names: dict[int, str], causal_model: bool | None = None, *,
+             kind: str | None = None, layer: int | None = None) -> SiteKey:
+    """The one place a site is named. `kind` and `layer` are given by captures that know them
+    better than the name does (pipeline/capture/modules.py: nn.TransformerDecoderLayer's
+    multihead_attn is cross-attention; torch modules are numbered in model order per stack)."""
     name = names.get(id(module), "")
     lowered = name.lower()
-    kind = "cross" if getattr(module, "is_cross_attention", False) or any(c in lowered for c in _CROSS_NAMES) \
-        else "self"
+    if kind is None:
+        kind = "cross" if getattr(module, "is_cross_attention", False) or any(c in lowered for c in _CROSS_NAMES) \
+            else "self"
     if "decoder" in lowered or getattr(module, "is_decoder", False):
         stack = "decoder"
     elif "encoder" in lowered:
         stack = "encoder"
     else:  # a plain stack (GPT-2's h.N, Llama's layers.N): decoder when causal
         stack = "decoder" if causal_model else "encoder"
-    layer = getattr(module, "layer_idx", None)
+    if layer is None:
+        layer = getattr(module, "layer_idx", None)
     if not isinstance(layer, int):
         found = _INDEX.findall(name)
         layer = int(found[0]) if found else 0
