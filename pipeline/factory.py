@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import sys
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -76,7 +77,9 @@ class ModuleModel(LoadedModel):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        with modules.wrapped(self.sites, attention_mask):
+        with modules.wrapped(self.sites, attention_mask), warnings.catch_warnings():
+            # nn.TransformerEncoder's fast path warns on every new process; not the user's concern
+            warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors")
             self.model(input_ids=input_ids, attention_mask=attention_mask)
 
     def _probe(self) -> tuple[bool, int, int]:

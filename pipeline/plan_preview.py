@@ -48,6 +48,8 @@ def model_folder(job: JobSpec) -> Path | None:
     """The folder holding the model's tokenizer.json and config.json: the embedded default, a
     local folder, or a hub model already in the local Hugging Face cache (nothing is downloaded)."""
     name = job.model.name
+    if job.model.factory:  # built by the job's own code, which a dry run does not run
+        return None
     if name in hub.BUILTIN_NAMES:
         return hub.builtin_model_dir()
     local = hub.local_path(name, Path(job.base_dir))
@@ -304,7 +306,7 @@ def preview(job: JobSpec, new_run: bool = False) -> dict:
                       "tokens": sum(r.get("tokens") or 0 for r in done_records)},
         "damaged": damaged,
         "to_run": shard_rows,
-        "model": {"name": job.model.name, "folder": str(folder) if folder else None, "layers": shape["layers"],
+        "model": {"name": job.model.factory or job.model.name, "folder": str(folder) if folder else None, "layers": shape["layers"],
                   "heads": shape["heads"], "window": window,
                   "window_from": "model.max_length" if job.model.max_length else shape["window_from"], "stride": stride, "special_tokens": specials,
                   "causal": shape["causal"], "tokenizer": tok is not None},

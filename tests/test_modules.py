@@ -35,6 +35,8 @@ TEXTS = ["The animal didn't cross the street because it was too tired.",
 
 # The factory module the tests write into tmp_path: what a user writes (README's example).
 FACTORY = '''
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers import AutoTokenizer
@@ -47,9 +49,9 @@ class TinyEncoder(nn.Module):
 
     max_length = 64  # its position table
 
-    def __init__(self, batch_first=True, causal=False, norm_first=False):
+    def __init__(self, batch_first=True, causal=False, norm_first=False, seed=0):
         super().__init__()
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         self.batch_first, self.causal = batch_first, causal
         self.embed = nn.Embedding(30522, 16)
         self.pos = nn.Embedding(self.max_length, 16)
@@ -117,6 +119,12 @@ def encoder():
     return TinyEncoder(), tokenizer()
 
 
+def seeded():
+    """The weights a file beside this module says: a factory whose weights change between runs."""
+    seed = int(Path(__file__).with_name("seed.txt").read_text())
+    return TinyEncoder(seed=seed), tokenizer()
+
+
 def causal_encoder():
     return TinyEncoder(batch_first=False, causal=True), tokenizer()
 
@@ -167,10 +175,12 @@ def captured_run(model, ids, mask, patterns=()):
 
 # --- bit for bit -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("batch_first,causal", [(True, False), (False, False), (True, True), (False, True)])
-def test_encoder_output_unchanged(kit, batch_first, causal):
+@pytest.mark.parametrize("batch_first,causal,norm_first", [(True, False, False), (False, False, False),
+                                                        (True, True, False), (False, True, False),
+                                                        (True, False, True)])
+def test_encoder_output_unchanged(kit, batch_first, causal, norm_first):
     tok = kit.tokenizer()
-    model = kit.TinyEncoder(batch_first=batch_first, causal=causal).eval()
+    model = kit.TinyEncoder(batch_first=batch_first, causal=causal, norm_first=norm_first).eval()
     reference = copy.deepcopy(model)
     ids, mask = batch(tok)
     with torch.inference_mode():
@@ -224,6 +234,38 @@ def test_mha_output_unchanged_and_weights_per_head(kit, batch_first, causal):
     assert torch.equal(out, expected)
     assert len(seen) == 1 and seen[0].site.layer == 0
     torch.testing.assert_close(seen[0].given, weights, atol=ATOL, rtol=0)
+
+
+class EncoderDecoder(torch.nn.Module):
+    """nn.Transformer over the same tokens on both sides: encoder self, decoder self, cross."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(30522, 16)
+        self.transformer = torch.nn.Transformer(16, 4, num_encoder_layers=2, num_decoder_layers=2,
+                                                dim_feedforward=32, dropout=0.0, batch_first=True)
+
+    def forward(self, input_ids, attention_mask):
+        x, pad = self.embed(input_ids), attention_mask == 0
+        return self.transformer(x, x, src_key_padding_mask=pad, tgt_key_padding_mask=pad,
+                                memory_key_padding_mask=pad)
+
+
+def test_transformer_sites_and_output(kit):
+    model = EncoderDecoder().eval()
+    reference = copy.deepcopy(model)
+    ids, mask = batch(kit.tokenizer())
+    with torch.inference_mode():
+        expected = reference(input_ids=ids, attention_mask=mask)
+    out, seen = captured_run(model, ids, mask)
+    assert torch.equal(out, expected)
+    keys = [(i.site.stack, i.site.layer, i.site.kind) for i in seen]
+    assert keys == [("encoder", 0, "self"), ("encoder", 1, "self"), ("decoder", 0, "self"), ("decoder", 0, "cross"),
+                    ("decoder", 1, "self"), ("decoder", 1, "cross")]
+    for inputs in seen:
+        assert inputs.given.shape == (len(TEXTS), 4, ids.shape[1], ids.shape[1])
+        assert (inputs.given.masked_select((mask == 0)[:, None, None, :]) == 0).all()
 
 
 # --- through attnpipe run ----------------------------------------------------------------------
@@ -319,6 +361,19 @@ def test_causal_encoder_through_run(tmp_path):
     assert result.exit_code == 0, result.output
     rows = open_dataset(tmp_path / "out").to_pandas("maps")
     assert all(len(w) == q + 1 for q, w in zip(rows["query_pos"], rows["weights"]))  # causal: keys 0..q
+
+
+def test_rerun_refuses_other_weights(tmp_path):
+    """The factory's weights are identified (sha256 of the state_dict) like a folder's."""
+    (tmp_path / "seed.txt").write_text("0")
+    result, module = run_factory(tmp_path, "seeded", recipes='[[recipes]]\nname = "head_stats"\n')
+    assert result.exit_code == 0, result.output
+    job = tmp_path / "job.toml"
+    job.write_text(job.read_text().replace("[run]", "[run]\nnum_shards = 3"))
+    (tmp_path / "out").rename(tmp_path / "first")  # then a run that stops short (--limit 2)
+    assert invoke("run", job, "--quiet", "--limit", "2").exit_code == 0
+    (tmp_path / "seed.txt").write_text("1")
+    one_line(invoke("run", job, "--quiet"), "weights changed")
 
 
 # --- refusals: one line each -------------------------------------------------------------------
