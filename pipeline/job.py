@@ -44,6 +44,9 @@ class CorpusSpec(_Section):
     text_unit: Literal["file", "paragraph", "line"] | None = None
     split: str = "train"
     text_column: str = "text"
+    # Encoder-decoder models: the column of each document's target text. The decoder then runs
+    # teacher-forced over it, and its self- and cross-attention are captured (pipeline/pairs.py).
+    target_column: str | None = None
     id_column: str | None = None
     metadata_columns: list[str] = Field(default_factory=list)
     limit: int | None = Field(default=None, ge=1)
@@ -171,7 +174,8 @@ class JobSpec(_Section):
         rerun), a local model by its weights' sha256 (checked the same way), so their paths are
         left out; so is `corpus.limit`, since a larger limit only appends rows (a smaller one is
         refused by the plan). Not the name, output folder, device, batch size or progress."""
-        corpus = self.corpus.model_dump(exclude={"limit"})
+        unset = {"target_column"} if self.corpus.target_column is None else set()  # jobs without one keep theirs
+        corpus = self.corpus.model_dump(exclude={"limit"} | unset)
         if self.corpus.format != "hub" and (is_local_only(self.corpus.path, Path(self.base_dir))
                                             or self.resolve(self.corpus.path).exists()):
             corpus["path"] = "(local)"
@@ -324,7 +328,7 @@ def _check_factory(model: ModelSpec, source: str) -> None:
     if not model.allow_code:
         raise JobError(f"{source}: 'model.factory' runs Python code ({model.factory}); set model.allow_code "
                        "= true in [model] if you trust it")
-    if "name" in model.model_fields_set:
+    if model.name != ModelSpec.model_fields["name"].default:  # the default: a JobSpec dumped and read back
         raise JobError(f"{source}: 'model.name' and 'model.factory' are both set; the factory builds the "
                        "model, so leave model.name out")
     for i, spec in enumerate(model.attention_modules):
@@ -341,6 +345,13 @@ def _check_factory(model: ModelSpec, source: str) -> None:
 
 def _check_metadata_columns(corpus: CorpusSpec, source: str) -> None:
     reserved = load_schemas()["documents"].column_names
+    target = corpus.target_column
+    if target is not None and target in (corpus.text_column, corpus.id_column, *corpus.metadata_columns):
+        raise JobError(f"{source}: 'corpus.target_column' {target!r} is also the text, id or a metadata column; "
+                       "the target text needs a column of its own")
+    if target is not None and corpus.format == "text":
+        raise JobError(f"{source}: 'corpus.target_column' needs records with two text columns (JSON, CSV, "
+                       "Parquet, a saved or hub dataset); plain text files hold one text per document")
     seen = set()
     for col in corpus.metadata_columns:
         if col in seen:

@@ -356,6 +356,17 @@ def test_run_custom_module_attribute(tmp_path):
     assert set(ds.to_pandas("maps")["layer"]) == {0, 1}
 
 
+def test_python_run_of_a_factory_job(tmp_path):
+    """attnpipe.run() of a JobSpec: its dump names the default model.name, which is no conflict."""
+    import attnpipe
+    from attnpipe.job import load_job
+
+    result, _ = run_factory(tmp_path, "encoder", allow=False)
+    job = load_job(tmp_path / "job.toml", overrides={"model.allow_code": True})
+    ds = attnpipe.run(job, quiet=True, run__output=str(tmp_path / "again"))
+    assert ds.provenance["attention_backend"] == "attnpipe(modules)"
+
+
 def test_causal_encoder_through_run(tmp_path):
     result, _ = run_factory(tmp_path, "causal_encoder")
     assert result.exit_code == 0, result.output

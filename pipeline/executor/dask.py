@@ -99,7 +99,9 @@ def _local_cuda_cluster(job: JobSpec):
 def run_job_dask(job: JobSpec, quiet: bool = False, new_run: bool = False) -> RunSummary:
     with JobRun(job, new_run) as run:
         if run.todo:
-            run.begin(model_weights_id(job.model.name, Path(job.base_dir), job.model.revision))
+            # A factory's weights are known once its code has run, on the workers (as an unpinned hub model's)
+            run.begin(None if job.model.factory else model_weights_id(job.model.name, Path(job.base_dir),
+                                                                      job.model.revision))
             own_cluster, over = not job.run.scheduler, False
             if quiet:
                 quiet_dask()
