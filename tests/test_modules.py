@@ -169,7 +169,6 @@ def captured_run(model, ids, mask, patterns=()):
     sites = find_sites(model, list(patterns))
     with torch.inference_mode(), capture_layers(seen.append, model=model), wrapped(sites, mask):
         out = model(input_ids=ids, attention_mask=mask)
-    assert all("forward" not in vars(s.module) for s in sites)
     return out, seen
 
 
@@ -266,6 +265,46 @@ def test_transformer_sites_and_output(kit):
     for inputs in seen:
         assert inputs.given.shape == (len(TEXTS), 4, ids.shape[1], ids.shape[1])
         assert (inputs.given.masked_select((mask == 0)[:, None, None, :]) == 0).all()
+
+
+class AveragedMHA(torch.nn.Module):
+    """A model that asks nn.MultiheadAttention for its weights (averaged over heads) or not."""
+
+    def __init__(self, need_weights: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(30522, 16)
+        self.attn = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+        self.need_weights = need_weights
+
+    def forward(self, input_ids, attention_mask):
+        x = self.embed(input_ids)
+        return self.attn(x, x, x, key_padding_mask=attention_mask == 0, need_weights=self.need_weights)
+
+
+def test_pattern_reads_one_head_weights(kit):
+    """A pattern wins over the automatic capture; (batch, query_pos, key_pos) weights are one head."""
+    model = AveragedMHA(need_weights=True).eval()
+    ids, mask = batch(kit.tokenizer())
+    out, seen = captured_run(model, ids, mask, [("attn", ("output", (("item", 1),)))])
+    assert len(seen) == 1 and seen[0].given.shape == (len(TEXTS), 1, ids.shape[1], ids.shape[1])
+    torch.testing.assert_close(seen[0].given, out[1][:, None], atol=ATOL, rtol=0)
+
+
+def test_weights_not_formed_one_line(kit):
+    model = AveragedMHA(need_weights=False).eval()
+    ids, mask = batch(kit.tokenizer())
+    with pytest.raises(ModelError, match=r"attn \(MultiheadAttention\).*is NoneType \(the module did not form"):
+        captured_run(model, ids, mask, [("attn", ("output", (("item", 1),)))])
+
+
+def test_instance_forward_kept(kit):
+    model = AveragedMHA(need_weights=True).eval()
+    own = model.attn.forward
+    model.attn.forward = own  # a forward set on the instance survives the capture
+    ids, mask = batch(kit.tokenizer())
+    captured_run(model, ids, mask)
+    assert vars(model.attn)["forward"] is own
 
 
 # --- through attnpipe run ----------------------------------------------------------------------

@@ -115,13 +115,17 @@ def _number(sites: list[Site], names: dict[int, str]) -> None:
 @contextmanager
 def wrapped(sites: list[Site], attention_mask: torch.Tensor) -> Iterator[None]:
     """Each site's forward wrapped for one model call on a batch with this (batch, pos) mask."""
+    own = [vars(site.module).get("forward") for site in sites]  # a forward set on the instance itself
     for site in sites:
         site.module.forward = _wrapper(site, site.module.forward, attention_mask)
     try:
         yield
     finally:
-        for site in sites:
-            del site.module.forward  # back to the class's forward
+        for site, before in zip(sites, own):
+            if before is None:
+                del site.module.forward  # back to the class's forward
+            else:
+                site.module.forward = before
 
 
 def _wrapper(site: Site, forward, attention_mask: torch.Tensor):
