@@ -525,3 +525,23 @@ def test_nothing_stays_on_the_model(kit):
         assert "forward" in vars(sites[0].module)
     assert "forward" not in vars(sites[0].module)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_modules_never_called(kit):
+    """Modules that a forward pass never calls: one line naming the class and what was tried."""
+    from attnpipe.factory import ModuleModel
+
+    class Unused(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(30522, 16)
+            self.attn = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+
+        def forward(self, input_ids, attention_mask):  # attention by other means: nothing formed
+            x = self.embed(input_ids)
+            return torch.nn.functional.scaled_dot_product_attention(x, x, x)
+
+    with pytest.raises(ModelError) as err:
+        ModuleModel(Unused(), kit.tokenizer(), "mine:build", torch.device("cpu"))
+    message = str(err.value)
+    assert "\n" not in message and "Unused" in message and "attn (nn.MultiheadAttention)" in message, message
