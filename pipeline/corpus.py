@@ -1,7 +1,9 @@
 """Open a corpus as one Arrow-backed `datasets.Dataset` and split it into deterministic shards.
 
 Local text, JSON/JSONL and CSV/TSV files are read exactly by `corpus_files` (text as one document
-per file, paragraph or line: `corpus.text_unit`); Parquet files, folders written by
+per file, paragraph or line: `corpus.text_unit`), a batch at a time, into an Arrow file in the
+corpus cache that is memory-mapped (`corpus_cache`: later opens and other workers map it without
+reading the files again); Parquet files, folders written by
 `Dataset.save_to_disk` and hub datasets (for users who are online) through `datasets`. Files come
 as one file, a folder (its files, not its subfolders) or a glob (`**` matches any depth). Every
 document of a local file keeps its file name and line, paragraph or row number.
@@ -20,7 +22,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import corpus_cache
 from . import corpus_files as files_
+from . import corpus_find as find
 from . import hub
 from .corpus_files import SOURCE_COLUMNS, SOURCE_FILE, SOURCE_INDEX
 from .errors import CorpusError
@@ -97,13 +101,16 @@ def _load_files(files: list[Path], root: Path, spec: CorpusSpec, unit: str) -> t
         ds = _load_dataset(files, fmt)
         table = files_.with_row_numbers(ds.data.table, names, rows)
         return datasets.Dataset(datasets.table.InMemoryTable(table)), ds.column_names
-    tables = [_read_file(f, n, fmt, unit, spec) for f, n in zip(files, names)]
-    if fmt == "text":
-        columns = [spec.text_column]
-    else:
-        columns = list(dict.fromkeys(c for t in tables for c in json.loads(t.schema.metadata[b"columns"])))
-    table = _concat(tables, files)
-    return datasets.Dataset(datasets.table.InMemoryTable(table)), columns
+    options = {"format": fmt, "unit": unit, "wanted": _wanted(spec), "text_column": spec.text_column,
+               "id_column": spec.id_column, "names": names}  # what the table depends on, beside the files
+    opened = corpus_cache.open_cached(files, options, lambda sink: files_.write_files(
+        sink, files, names, fmt, unit, _wanted(spec), spec.text_column, spec.id_column))
+    # A shared cache file is named so that pickling the Dataset sends its path, not its data; the
+    # fingerprint is given, since datasets would otherwise hash the whole table.
+    table = opened.table
+    data = datasets.table.MemoryMappedTable(table, str(opened.path)) if opened.path else \
+        datasets.table.InMemoryTable(table)
+    return datasets.Dataset(data, fingerprint=opened.key), opened.columns
 
 
 def _where(files: list[Path], root: Path) -> Path:
@@ -151,18 +158,18 @@ def _load_hub(name: str, split: str, tried: Path | None = None) -> datasets.Data
 
 def _open_local(spec: CorpusSpec, path: Path) -> tuple[datasets.Dataset, list[str]] | None:
     """A local corpus, or None when `path` does not exist (maybe a hub name)."""
-    if any(ch in spec.path for ch in files_.WILDCARDS):
-        files, root = files_.pattern_files(path, f"pattern {path}")
+    if any(ch in spec.path for ch in find.WILDCARDS):
+        files, root = find.pattern_files(path, f"pattern {path}")
         if not files:
             raise CorpusError(f"corpus pattern {path} matches no file")
         return _load_files(files, root, spec, spec.text_unit or "file")
     if path.is_symlink() and not path.exists():  # a broken link: local, never sent to the Hub
-        raise CorpusError(f"corpus path {path} {files_.broken_link(path)}; point corpus.path at the corpus itself")
+        raise CorpusError(f"corpus path {path} {find.broken_link(path)}; point corpus.path at the corpus itself")
     if path.is_dir():
         if spec.format == "disk" or (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             ds = _load_disk(path, spec.split)
             return ds, ds.column_names
-        files = files_.folder_files(path, SUFFIX_FORMAT)
+        files = find.folder_files(path, SUFFIX_FORMAT)
         if not files:
             raise CorpusError(f"corpus folder {path} holds no .txt, .json(l), .csv or .parquet file "
                               "(subfolders are not read: use a glob such as docs/**/*.txt)")
@@ -251,8 +258,10 @@ def _check_has_text(ds: datasets.Dataset, spec: CorpusSpec) -> None:
     texts = ds.data.table.column(spec.text_column)
     if ds._indices is not None:  # corpus.limit
         texts = texts.take(ds._indices.column(0))
-    if pa.types.is_null(texts.type) or not pc.any(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(texts)), 0),
-                                                  skip_nulls=True).as_py():
+    # Batch by batch, stopping at the first text: a memory-mapped corpus is not read whole.
+    if pa.types.is_null(texts.type) or not any(
+            pc.any(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(chunk)), 0), skip_nulls=True).as_py()
+            for chunk in texts.chunks):
         _no_text(spec, len(ds))
 
 
