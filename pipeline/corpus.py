@@ -63,30 +63,6 @@ def _wanted(spec: CorpusSpec) -> list[str]:
     return list(dict.fromkeys(cols))
 
 
-def _read_file(f: Path, name: str, fmt: str, unit: str, spec: CorpusSpec) -> pa.Table:
-    if fmt == "text":
-        return files_.read_text(f, name, unit, spec.text_column)
-    if fmt == "json":
-        return files_.read_json(f, name, _wanted(spec), spec.text_column, spec.id_column)
-    delimiter = "\t" if f.suffix.lower() == ".tsv" else ","
-    return files_.read_csv(f, name, _wanted(spec), delimiter, spec.text_column, spec.id_column)
-
-
-def _concat(tables: list[pa.Table], files: list[Path]) -> pa.Table:
-    """One table; a column whose type differs between files is named with two of them."""
-    try:
-        return pa.concat_tables([t.replace_schema_metadata(None) for t in tables], promote_options="default")
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        first = tables[0].schema
-        for t, f in zip(tables[1:], files[1:]):
-            for field in t.schema:
-                other = first.field(field.name).type
-                if field.type != other and pa.types.is_null(other) is False and not pa.types.is_null(field.type):
-                    raise CorpusError(f"corpus column {field.name!r} holds {other} values in {files[0]} but "
-                                      f"{field.type} in {f}; give every value of a column one type") from None
-        raise
-
-
 def _load_files(files: list[Path], root: Path, spec: CorpusSpec, unit: str) -> tuple[datasets.Dataset, list[str]]:
     """The files as one Dataset with source columns, and the column names the files hold."""
     fmt = _format_of(files, spec.format)
