@@ -59,7 +59,8 @@ def _parquet_rows(path: Path) -> int:
 
 
 def _wanted(spec: CorpusSpec) -> list[str]:
-    cols = [spec.text_column] + ([spec.id_column] if spec.id_column else []) + list(spec.metadata_columns)
+    cols = [spec.text_column] + ([spec.target_column] if spec.target_column else [])
+    cols += ([spec.id_column] if spec.id_column else []) + list(spec.metadata_columns)
     return list(dict.fromkeys(cols))
 
 
@@ -185,6 +186,7 @@ def open_corpus(spec: CorpusSpec, base_dir: Path) -> datasets.Dataset:
 def _check_columns(columns: list[str], spec: CorpusSpec) -> None:
     cols = [c for c in columns if c not in SOURCE_COLUMNS]
     wanted = [("corpus.text_column", spec.text_column)]
+    wanted += [("corpus.target_column", spec.target_column)] if spec.target_column else []
     wanted += [("corpus.id_column", spec.id_column)] if spec.id_column else []
     wanted += [("corpus.metadata_columns", c) for c in spec.metadata_columns]
     for key, col in wanted:
@@ -206,8 +208,10 @@ def _check_types(ds: datasets.Dataset, spec: CorpusSpec) -> None:
     """Texts are strings, ids scalars: a number, list or mapping is refused, never stringified
     (JSON and CSV files are checked value by value as they are read; this covers Parquet,
     save_to_disk and hub datasets, whose columns are typed)."""
-    checks = [("corpus.text_column", spec.text_column, lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
-               "strings")]
+    is_text = lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)  # noqa: E731
+    checks = [("corpus.text_column", spec.text_column, is_text, "strings")]
+    if spec.target_column:
+        checks.append(("corpus.target_column", spec.target_column, is_text, "strings"))
     if spec.id_column:
         checks.append(("corpus.id_column", spec.id_column,
                        lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
@@ -339,6 +343,12 @@ class Corpus:
 
     def texts(self, rows: np.ndarray) -> list[str]:
         return [_as_text(v) for v in self.table.column(self.spec.text_column).take(pa.array(rows)).to_pylist()]
+
+    def targets(self, rows: np.ndarray) -> list[str] | None:
+        """The target texts of `rows` (corpus.target_column), None without one."""
+        if not self.spec.target_column:
+            return None
+        return [_as_text(v) for v in self.table.column(self.spec.target_column).take(pa.array(rows)).to_pylist()]
 
     def metadata(self, rows: np.ndarray) -> dict[str, pa.Array]:
         """Metadata columns of `rows`, with their corpus Arrow types."""

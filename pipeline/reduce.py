@@ -3,7 +3,7 @@ and only the recipes' (small) outputs come back to the host."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -12,7 +12,7 @@ from .capture import LayerInputs, SiteKey, capture_layers
 from .model import LoadedModel
 from .recipes import RECIPES, BatchMasks, LayerAttention
 from .recipes.fused import FusedAttention
-from .windows import Window, collate
+from .windows import Target, Window, collate
 
 
 @dataclass
@@ -30,7 +30,9 @@ class Output:
         return self.stack, self.attention
 
 
-def batch_masks(lm: LoadedModel, windows: list[Window], ids: torch.Tensor) -> BatchMasks:
+def batch_masks(lm: LoadedModel, windows: list[Window] | list[Target], ids: torch.Tensor,
+                causal: bool | None = None) -> BatchMasks:
+    """The masks of a batch of windows (or of their targets, with causal=True), ids (batch, pos)."""
     lengths = torch.tensor([len(w) for w in windows], device=ids.device)
     valid = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]
     special = torch.zeros_like(valid)
@@ -38,12 +40,32 @@ def batch_masks(lm: LoadedModel, windows: list[Window], ids: torch.Tensor) -> Ba
         special[row, : len(w)] = torch.tensor(w.special, device=ids.device)
     sep = torch.isin(ids, torch.tensor(sorted(lm.sep_ids), device=ids.device, dtype=ids.dtype)) & valid
     punct = lm.punct_table.to(ids.device)[ids] & valid
-    return BatchMasks(lengths, special, sep, punct, lm.causal)
+    return BatchMasks(lengths, special, sep, punct, lm.causal if causal is None else causal)
+
+
+@dataclass
+class SiteMasks:
+    """Which masks each attention site of a batch uses: the source's for encoder (and single-stack)
+    self-attention; for source/target pairs the target's (causal) for decoder self-attention, and
+    target queries over source keys for cross-attention."""
+
+    source: BatchMasks
+    target: BatchMasks | None = None
+
+    def __post_init__(self):
+        self.cross = None if self.target is None else replace(self.target, causal=False, keys=self.source)
+
+    def of(self, site: SiteKey) -> BatchMasks | None:
+        """None for a site this batch does not reduce (cross-attention without a target)."""
+        if site.kind == "cross":
+            return self.cross
+        return self.target if self.target is not None and site.stack == "decoder" else self.source
 
 
 def apply_recipes(att: LayerAttention, recipes: list[dict], carry: dict[int, torch.Tensor]
                   ) -> list[tuple[int, dict[str, torch.Tensor]]]:
-    """Every recipe on one layer; `carry` holds stateful recipes' state between layers."""
+    """Every recipe on one layer; `carry` holds stateful recipes' state between layers of one
+    stack. Rollout multiplies a stack's self-attention maps, so it skips cross-attention."""
     from .recipes.fused import FUSED
 
     fused = isinstance(att, FusedAttention) and att.supported
@@ -52,6 +74,8 @@ def apply_recipes(att: LayerAttention, recipes: list[dict], carry: dict[int, tor
         recipe = RECIPES[spec["name"]]
         params = {k: v for k, v in spec.items() if k != "name"}
         if recipe.stateful:
+            if att.masks.cross:
+                continue
             cols, carry[i] = recipe.fn(att, carry.get(i), **params)
         else:
             cols = (FUSED[recipe.name] if fused and recipe.name in FUSED else recipe.fn)(att, **params)
@@ -103,33 +127,44 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
 
 
 def reduce_batch_async(lm: LoadedModel, windows: list[Window], recipes: list[dict]) -> PendingBatch:
-    """One batch through the model; every self-attention layer through every recipe."""
+    """One batch through the model; every attention layer (encoder and decoder self-attention,
+    cross-attention when the windows carry targets) through every recipe."""
     ids, attention_mask = (t.to(lm.device) for t in collate(windows, lm.pad_id))
-    masks = batch_masks(lm, windows, ids)
+    decoder: dict[str, torch.Tensor] = {}
+    masks = SiteMasks(batch_masks(lm, windows, ids))
+    if windows[0].target is not None:  # source/target pairs: the decoder runs teacher-forced
+        targets = [w.target for w in windows]
+        dec_ids, dec_mask = (t.to(lm.device) for t in collate(targets, lm.pad_id))
+        decoder = {"decoder_input_ids": dec_ids, "decoder_attention_mask": dec_mask}
+        masks = SiteMasks(masks.source, batch_masks(lm, targets, dec_ids, causal=True))
     pending: list[tuple[int, SiteKey, dict[str, torch.Tensor]]] = []
-    slices = window_slices(lm, len(windows), ids.shape[1])
-    slice_masks = [masks] if len(slices) == 1 else [masks.rows(lo, hi) for lo, hi in slices]
-    carries: list[dict[int, torch.Tensor]] = [{} for _ in slices]  # stateful recipes' state, per slice
+    size = max(ids.shape[1], decoder["decoder_input_ids"].shape[1] if decoder else 0)
+    slices = window_slices(lm, len(windows), size)
+    sliced: dict[int, list[BatchMasks]] = {}  # id(masks) -> the masks of each slice
+    carries: dict[tuple[int, str], dict[int, torch.Tensor]] = {}  # (slice, stack) -> stateful recipes' state
 
     def sink(inputs: LayerInputs) -> None:
-        if inputs.site.kind != "self":
+        site = inputs.site
+        site_masks = masks.of(site)
+        if site_masks is None:
             return
-        layer = inputs.site.layer
         if lm.kernels is not None:
-            att = FusedAttention(layer, masks, inputs, lm.kernels)
-            for i, cols in apply_recipes(att, recipes, carries[0]):
-                pending.append((i, inputs.site, {k: _to_host(v) for k, v in cols.items()}))
+            att = FusedAttention(site.layer, site_masks, inputs, lm.kernels)
+            for i, cols in apply_recipes(att, recipes, carries.setdefault((0, site.stack), {})):
+                pending.append((i, site, {k: _to_host(v) for k, v in cols.items()}))
             return
+        if id(site_masks) not in sliced:
+            sliced[id(site_masks)] = [site_masks] if len(slices) == 1 else [site_masks.rows(lo, hi) for lo, hi in slices]
         parts: dict[int, list[tuple[int, dict[str, torch.Tensor]]]] = {}
-        for (lo, hi), part_masks, carry in zip(slices, slice_masks, carries):
-            att = LayerAttention(None, layer, part_masks, inputs, rows=None if len(slices) == 1 else (lo, hi))
-            for i, cols in apply_recipes(att, recipes, carry):
+        for n, ((lo, hi), part_masks) in enumerate(zip(slices, sliced[id(site_masks)])):
+            att = LayerAttention(None, site.layer, part_masks, inputs, rows=None if len(slices) == 1 else (lo, hi))
+            for i, cols in apply_recipes(att, recipes, carries.setdefault((n, site.stack), {})):
                 parts.setdefault(i, []).append((lo, cols))
         for i, cols in parts.items():
-            pending.append((i, inputs.site, {k: _to_host(v) for k, v in _merge(cols).items()}))
+            pending.append((i, site, {k: _to_host(v) for k, v in _merge(cols).items()}))
 
     with capture_layers(sink, backend=lm.capture_backend, model=lm.model, causal=lm.causal):
-        lm.forward(ids, attention_mask)
+        lm.forward(ids, attention_mask, **decoder)
     event = None
     if lm.device.type == "cuda":
         event = torch.cuda.Event()

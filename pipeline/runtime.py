@@ -50,7 +50,10 @@ class Runtime:
 
             keep_freed_memory()
         window = model.check_window(job.model.max_length, job.model.stride)
-        provenance = {**model.provenance, "job": job.name, "job_fingerprint": job.fingerprint(),
+        from .pairs import check_pairs  # imports torch, as the model did
+
+        pairs = check_pairs(job, model)  # corpus.target_column: an encoder-decoder's teacher-forced target
+        provenance = {**model.provenance, **pairs, "job": job.name, "job_fingerprint": job.fingerprint(),
                       "window_length": window, "stride": job.model.stride,
                       "window_from": "model.max_length" if job.model.max_length else model.default_window[1],
                       "weight_dtype": job.run.weight_dtype,

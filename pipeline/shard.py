@@ -38,6 +38,7 @@ from .store import paths
 from .store.location import Location, as_location
 from .store.plan import ShardSpec
 from .store.writer import FileInfo, ShardWriter
+from .pairs import tokenize_pairs
 from .windows import Window, make_batches, tokenize
 
 log = logging.getLogger("attnpipe")
@@ -135,7 +136,23 @@ def token_columns(doc_ids: list[str], windows: list[Window], tokenizer) -> dict:
         cols["char_start"] += [s for s, _ in w.offsets]
         cols["char_end"] += [e for _, e in w.offsets]
         cols["special"] += w.special
+        if w.target is not None:
+            _target_tokens(cols, doc_ids[w.doc_index], w.target, tokenizer)
     return cols
+
+
+def _target_tokens(cols: dict, doc_id: str, target, tokenizer) -> None:
+    """A pair's target side: the decoder's input tokens, offsets into the target text."""
+    n = len(target)
+    cols["doc_id"] += [doc_id] * n
+    cols["window_index"] += [0] * n
+    cols["side"] += ["target"] * n
+    cols["position"] += range(n)
+    cols["token_id"] += target.input_ids
+    cols["token"] += tokenizer.convert_ids_to_tokens(target.input_ids)
+    cols["char_start"] += [s for s, _ in target.offsets]
+    cols["char_end"] += [e for _, e in target.offsets]
+    cols["special"] += target.special
 
 
 def output_columns(out: Output, doc_index: np.ndarray, window_ids: np.ndarray) -> dict:
@@ -228,7 +245,8 @@ def run_shard(job: JobSpec, spec: ShardSpec, rt: Runtime, out: Location | Path |
     staging_root, temporary = loc.staging_root()
     try:
         with ShardWriter(staging_root, spec.index, attempt, rt.provenance, weight_dtype=job.run.weight_dtype,
-                         buffer_bytes=job.run.buffer_mb << 20) as writer:
+                         buffer_bytes=job.run.buffer_mb << 20,
+                         site_folders=job.corpus.target_column is not None) as writer:
             writer.recipes = {i: (r["name"], recipe_params(r)) for i, r in enumerate(job.recipes)}
             writer.doc_ids = docs.doc_ids
             counts = _write_documents(writer, rt, docs, progress)
@@ -295,14 +313,17 @@ def _tokenize_chunk(writer: ShardWriter, background: BackgroundWriter, rt: Runti
     """A chunk's windows; its documents and tokens rows go to the writer thread."""
     job, tok = rt.job, rt.model.tokenizer
     rows = docs.rows[part]
-    texts = rt.corpus.texts(rows)
-    windows = tokenize(tok, texts, rt.window_length, job.model.stride)
+    texts, targets = rt.corpus.texts(rows), rt.corpus.targets(rows)
+    if targets is None:
+        windows = tokenize(tok, texts, rt.window_length, job.model.stride)
+    else:  # source/target pairs: one window each, never split
+        windows = tokenize_pairs(rt.model, texts, targets, rt.window_length, docs.doc_ids[part])
     doc_cols = {**document_columns(docs, part, windows, texts, job.model.stride), **rt.corpus.sources(rows),
                 **rt.corpus.metadata(rows)}
     background.put(lambda: writer.write_batch("documents", doc_cols, extra=rt.corpus.metadata_schema()))
     token_cols = token_columns(docs.doc_ids[part], windows, tok)
     background.put(lambda: writer.write_batch("tokens", token_cols))
-    counts["tokens"] += sum(len(w) for w in windows)
+    counts["tokens"] += len(token_cols["position"])  # both sides of pairs: the tokens table's rows
     counts["windows"] += len(windows)
     return windows
 

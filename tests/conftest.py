@@ -33,7 +33,9 @@ TINY_CONFIGS = {
     # Grouped-query attention: 4 query heads share 2 key/value heads; RoPE positions.
     "llama": lambda: LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
-    "t5": lambda: T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4),
+    # decoder_start_token_id: real T5 checkpoints set it in config.json (the pad id, 0).
+    "t5": lambda: T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                           decoder_start_token_id=0),
     "bart": lambda: BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
                                encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
                                decoder_ffn_dim=64, max_position_embeddings=128),

@@ -31,10 +31,13 @@ class Masks:
     sep: np.ndarray  # (batch, pos) bool
     punct: np.ndarray  # (batch, pos) bool
     causal: bool
+    keys: "Masks | None" = None  # cross-attention: the key side (source); the fields above: queries
 
 
 def keys_seen(m: Masks, b: int, q: int) -> list[int]:
-    """Key positions query q of document b may attend to."""
+    """Key positions query q of document b may attend to (cross-attention: every source token)."""
+    if m.keys is not None:
+        return list(range(int(m.keys.lengths[b])))
     n = int(m.lengths[b])
     return list(range(q + 1)) if m.causal else list(range(n))
 
@@ -185,18 +188,21 @@ def ref_dense(probs, m: Masks, *, max_tokens: int, per_head: bool) -> dict:
     """(b, head, q) -> weights of keys 0..n-1 (causal: 0..q), windows of <= max_tokens only."""
     out = {}
     for b, h, q, row in weight_rows(probs, m, per_head):
-        if int(m.lengths[b]) <= max_tokens:
+        if int(m.lengths[b]) <= max_tokens and int((m.keys or m).lengths[b]) <= max_tokens:
             out[(b, h, q)] = np.array([row[key] for key in sorted(row)])
     return out
 
 
 STATS = ["entropy", "entropy_norm", "first_mass", "sep_mass", "special_mass", "self_mass",
          "prev_mass", "next_mass", "punct_mass", "mean_distance"]
+CROSS_UNDEFINED = ["self_mass", "prev_mass", "next_mass", "mean_distance"]  # two sequences' positions
 
 
 def ref_head_stats(probs, m: Masks) -> dict:
-    """(b, h) -> {"window_tokens": n, stat: mean over the n real queries of the per-query value}."""
+    """(b, h) -> {"window_tokens": n, stat: mean over the n real queries of the per-query value};
+    cross-attention: key sets of the source, and self/prev/next/distance None (not defined)."""
     p = np.asarray(probs, dtype=np.float64)
+    km = m.keys or m
     out = {}
     for b in range(p.shape[0]):
         n = int(m.lengths[b])
@@ -209,14 +215,16 @@ def ref_head_stats(probs, m: Masks) -> dict:
                 sums["entropy"] += entropy
                 sums["entropy_norm"] += entropy / math.log(len(keys)) if len(keys) > 1 else 0.0
                 sums["first_mass"] += w.get(0, 0.0)
-                sums["sep_mass"] += sum(v for k, v in w.items() if m.sep[b, k])
-                sums["special_mass"] += sum(v for k, v in w.items() if m.special[b, k])
+                sums["sep_mass"] += sum(v for k, v in w.items() if km.sep[b, k])
+                sums["special_mass"] += sum(v for k, v in w.items() if km.special[b, k])
                 sums["self_mass"] += w.get(q, 0.0)
                 sums["prev_mass"] += w.get(q - 1, 0.0)
                 sums["next_mass"] += w.get(q + 1, 0.0)
-                sums["punct_mass"] += sum(v for k, v in w.items() if m.punct[b, k])
+                sums["punct_mass"] += sum(v for k, v in w.items() if km.punct[b, k])
                 sums["mean_distance"] += sum(v * abs(q - k) for k, v in w.items())
             out[(b, h)] = {"window_tokens": n, **{s: sums[s] / n for s in STATS}}
+            if m.keys is not None:
+                out[(b, h)].update(dict.fromkeys(CROSS_UNDEFINED))
     return out
 
 
@@ -291,5 +299,8 @@ def assert_head_stats(cols: dict, ref: dict, atol: float) -> None:
         want = ref[key]
         assert int(c["window_tokens"][i]) == want["window_tokens"], f"window_tokens of {key}"
         for s in STATS:
+            if want[s] is None:
+                assert s not in c, f"{s} is not defined here (cross-attention) but was computed"
+                continue
             assert abs(float(c[s][i]) - want[s]) <= atol, (
                 f"{s} of (batch, head) {key}: got {float(c[s][i])}, expected {want[s]}")

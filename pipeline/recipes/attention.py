@@ -17,35 +17,53 @@ HEAD_MEAN = -1  # the `head` value of rows computed on the mean over heads
 
 @dataclass
 class BatchMasks:
-    """Per-batch token facts, shared by every layer and recipe."""
+    """Per-batch token facts, shared by every layer and recipe.
+
+    The fields describe the query side. Self-attention's keys are the same tokens; for
+    cross-attention (a decoder's queries on the encoder's output) `keys` holds the key side's
+    masks (the source), whose length differs from the queries' (the target)."""
 
     lengths: torch.Tensor  # (batch,) real tokens per window; the rest is right padding
     special: torch.Tensor  # (batch, pos) bool: [CLS], [SEP], <s>, ... (tokenizer's special mask)
     sep: torch.Tensor  # (batch, pos) bool: separator / end-of-sequence tokens
     punct: torch.Tensor  # (batch, pos) bool: tokens made only of punctuation
     causal: bool
+    keys: "BatchMasks | None" = None  # cross-attention: the key side; None: the keys are the queries
 
     def rows(self, lo: int, hi: int) -> "BatchMasks":
         """The masks of windows lo..hi."""
         return BatchMasks(self.lengths[lo:hi], self.special[lo:hi], self.sep[lo:hi], self.punct[lo:hi],
-                          self.causal)
+                          self.causal, None if self.keys is None else self.keys.rows(lo, hi))
 
     @property
-    def size(self) -> int:
+    def cross(self) -> bool:
+        return self.keys is not None
+
+    @property
+    def key_side(self) -> "BatchMasks":
+        """The keys' masks: `keys` for cross-attention, these masks for self-attention."""
+        return self if self.keys is None else self.keys
+
+    @property
+    def size(self) -> int:  # query positions
         return self.special.shape[1]
 
     @cached_property
-    def positions(self) -> torch.Tensor:  # (pos,)
+    def positions(self) -> torch.Tensor:  # (query_pos,)
         return torch.arange(self.size, device=self.lengths.device)
 
+    @property
+    def key_positions(self) -> torch.Tensor:  # (key_pos,)
+        return self.key_side.positions
+
     @cached_property
-    def token_valid(self) -> torch.Tensor:  # (batch, pos)
+    def token_valid(self) -> torch.Tensor:  # (batch, query_pos)
         return self.positions[None, :] < self.lengths[:, None]
 
     @cached_property
     def pair_valid(self) -> torch.Tensor:  # (batch, 1, query_pos, key_pos)
-        valid = self.token_valid[:, None, :, None] & self.token_valid[:, None, None, :]
-        if self.causal:
+        valid = self.token_valid[:, None, :, None] & self.key_side.token_valid[:, None, None, :]
+        if self.causal and not self.cross:
             valid = valid & torch.ones(self.size, self.size, dtype=torch.bool,
                                        device=valid.device).tril()
         return valid

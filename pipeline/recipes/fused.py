@@ -6,8 +6,8 @@ attention backend: P is never formed where a kernel can do without it.
 - rollout, and topp / threshold / dense on the head mean: the head-mean map (`head_mean_map`,
   bfloat16), then the torch recipe on it.
 - Per-head threshold, topp and dense need every head's P: it is computed once, from q and k.
-Layers the kernels cannot express (a relative position bias such as T5's, an attention sink or
-a custom mask) fall back to the torch path. The torch recipes stay the reference: tests compare
+Layers the kernels cannot express (a relative position bias such as T5's, an attention sink,
+a custom mask, cross-attention) fall back to the torch path. The torch recipes stay the reference: tests compare
 the two on the same layers.
 """
 
@@ -33,10 +33,12 @@ class FusedAttention(LayerAttention):
 
     @property
     def supported(self) -> bool:
-        """The kernels know padding, causal masks and causal sliding windows; a position bias or a
-        bidirectional sliding window (keys on both sides) goes to the torch path."""
+        """The kernels know padding, causal masks and causal sliding windows; a position bias, a
+        bidirectional sliding window (keys on both sides) or cross-attention (query and key
+        lengths differ, the kernels take one length per window) goes to the torch path."""
         i = self.inputs
-        return i.position_bias is None and (i.sliding_window is None or self.masks.causal)
+        return (i.position_bias is None and (i.sliding_window is None or self.masks.causal)
+                and not self.masks.cross)
 
     @property
     def _common(self) -> dict:

@@ -12,9 +12,10 @@ _TINY = torch.finfo(torch.float32).tiny
 
 
 def _keys_seen(m) -> torch.Tensor:
-    """(batch, query_pos) how many keys each query sees: the window's length, or up to itself."""
-    n = m.lengths[:, None].expand(-1, m.size)
-    return torch.minimum(n, m.positions[None, :] + 1) if m.causal else n
+    """(batch, query_pos) how many keys each query sees: the window's (for cross-attention the
+    source's) length, or up to itself."""
+    n = m.key_side.lengths[:, None].expand(-1, m.size)
+    return torch.minimum(n, m.positions[None, :] + 1) if m.causal and not m.cross else n
 
 
 def head_stats(att: LayerAttention) -> dict[str, torch.Tensor]:
@@ -25,6 +26,10 @@ def head_stats(att: LayerAttention) -> dict[str, torch.Tensor]:
     end tokens); special_mass (on any special token); self_mass, prev_mass, next_mass (on the
     query itself, the token before, the token after); punct_mass (on punctuation tokens);
     mean_distance (expected |query_pos - key_pos| in tokens).
+
+    Cross-attention (target queries, source keys): the key sets are the source's, and self_mass,
+    prev_mass, next_mass and mean_distance are left out (null), since a target position and a
+    source position are places in two different sequences.
     """
     m = att.masks
     p = att.clean  # (batch, head, query_pos, key_pos), zero on padded and future keys
@@ -36,17 +41,12 @@ def head_stats(att: LayerAttention) -> dict[str, torch.Tensor]:
     # matmul; self, previous and next straight off three diagonals.
     scratch = torch.clamp_min(p, _TINY).log_()
     entropy = -scratch.mul_(p).sum(-1)  # (batch, head, query_pos)
-    pos = m.positions.to(p.dtype)
-    distance = torch.mul(p, (pos[:, None] - pos[None, :]).abs_(), out=scratch).sum(-1)
-    first = torch.zeros_like(m.sep)
+    keys = m.key_side
+    first = torch.zeros_like(keys.sep)
     first[:, 0] = True
-    key_sets = torch.stack([first, m.sep, m.special, m.punct], dim=-1).to(p.dtype)  # (batch, key_pos, 4)
+    key_sets = torch.stack([first, keys.sep, keys.special, keys.punct], dim=-1).to(p.dtype)  # (batch, key_pos, 4)
     fixed = p @ key_sets[:, None]  # (batch, head, query_pos, 4)
-    zero = p.new_zeros(batch, heads, 1)
-    self_ = p.diagonal(0, -2, -1)
-    prev = torch.cat([zero, p.diagonal(-1, -2, -1)], dim=-1)  # query q, key q - 1
-    next_ = torch.cat([p.diagonal(1, -2, -1), zero], dim=-1)  # query q, key q + 1
-    relative = torch.stack([distance, self_, prev, next_], dim=-1)  # (batch, head, query_pos, 4)
+    relative = None if m.cross else _relative(p, m, scratch)  # (batch, head, query_pos, 4)
     n_keys = _keys_seen(m).to(p.dtype)[:, None, :]  # (batch, 1, query_pos)
     log_n = torch.where(n_keys > 1, n_keys.clamp_min(2).log(), torch.full_like(n_keys, math.inf))
     # Means over the real queries as products with their weights (batch, query_pos): no pass over
@@ -55,13 +55,29 @@ def head_stats(att: LayerAttention) -> dict[str, torch.Tensor]:
     weights = weights / weights.sum(-1, keepdim=True).clamp_min(1.0)
     entropies = torch.stack([entropy, entropy / log_n.expand_as(entropy)], dim=-1)  # (batch, head, query_pos, 2)
     mean_of = lambda x: torch.einsum("bhqc,bq->bhc", x, weights)  # noqa: E731
-    e, f, r = mean_of(entropies), mean_of(fixed), mean_of(relative)
-    means = torch.cat([e, f[..., :3], r[..., 1:], f[..., 3:], r[..., :1]], dim=-1)  # (batch, head, 10), STATS order
+    e, f = mean_of(entropies), mean_of(fixed)
+    named = {"entropy": e[..., 0], "entropy_norm": e[..., 1], "first_mass": f[..., 0], "sep_mass": f[..., 1],
+             "special_mass": f[..., 2], "punct_mass": f[..., 3]}
+    if relative is not None:
+        r = mean_of(relative)
+        named.update(mean_distance=r[..., 0], self_mass=r[..., 1], prev_mass=r[..., 2], next_mass=r[..., 3])
     cols = {"batch_index": torch.arange(batch, device=p.device).repeat_interleave(heads),
             "head": torch.arange(heads, device=p.device).repeat(batch),
             "window_tokens": m.lengths.repeat_interleave(heads)}
-    cols.update({name: means[..., i].reshape(-1) for i, name in enumerate(STATS)})
+    cols.update({name: named[name].reshape(-1) for name in STATS if name in named})
     return cols
+
+
+def _relative(p: torch.Tensor, m, scratch: torch.Tensor) -> torch.Tensor:
+    """(batch, head, query_pos, 4): distance, self, previous and next mass per query (self-attention)."""
+    batch, heads = p.shape[:2]
+    pos = m.positions.to(p.dtype)
+    distance = torch.mul(p, (pos[:, None] - pos[None, :]).abs_(), out=scratch).sum(-1)
+    zero = p.new_zeros(batch, heads, 1)
+    self_ = p.diagonal(0, -2, -1)
+    prev = torch.cat([zero, p.diagonal(-1, -2, -1)], dim=-1)  # query q, key q - 1
+    next_ = torch.cat([p.diagonal(1, -2, -1), zero], dim=-1)  # query q, key q + 1
+    return torch.stack([distance, self_, prev, next_], dim=-1)
 
 
 STATS = ("entropy", "entropy_norm", "first_mass", "sep_mass", "special_mass", "self_mass", "prev_mass",

@@ -1,5 +1,6 @@
 """The mask extractions people commonly use: top-k, threshold (per head or on the head mean),
 and top-p. Each writes rows to the `edges` table. Padded and future (causal) keys never appear.
+On cross-attention the keys are the source tokens (key_pos) and the queries the target's.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def threshold(att: LayerAttention, *, t: float, per_head: bool) -> dict[str, tor
     """
     probs = att.select(per_head)
     keep = (probs > t) & att.masks.pair_valid
-    key_pos = att.masks.positions.expand_as(probs)
+    key_pos = att.masks.key_positions.expand_as(probs)
     return edge_columns(keep, key_pos, probs, per_head)
 
 

@@ -149,13 +149,16 @@ class _TableWriter:
             self.close()
 
     def _complete(self, data: pa.Table) -> pa.Table:
-        """Sorted buffered rows -> the file's columns: doc_id from doc_index, the constants."""
+        """Sorted buffered rows -> the file's columns: doc_id from doc_index, the constants, and
+        null for a value column the producer left out (a statistic cross-attention has not)."""
         columns = []
         for name in self.schema.names:
             if name in self.constants:
                 columns.append(_repeated(self.constants[name], data.num_rows))
             elif name == "doc_id" and "doc_index" in data.column_names:
                 columns.append(self.owner.doc_ids.take(data.column("doc_index")))
+            elif name not in data.column_names and name in self.declared.value_columns:
+                columns.append(pa.nulls(data.num_rows, self.schema.field(name).type))  # not defined here (cross rows)
             else:
                 columns.append(data.column(name))
         return pa.Table.from_arrays(columns, schema=self.schema)
