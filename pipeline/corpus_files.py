@@ -195,8 +195,8 @@ def _json_records(path: Path) -> tuple[Iterator[tuple[int, object, int]], str]:
         return _json_lines(path), "line"
     size = path.stat().st_size
     if size > JSON_LIST_MAX_BYTES:
-        raise CorpusError(f"corpus file {path} is one JSON list of {size / 2**20:.0f} MiB; a list is read whole, "
-                          f"up to {JSON_LIST_MAX_BYTES / 2**20:.0f} MiB: give it as JSON Lines, one object per line "
+        raise CorpusError(f"corpus file {path} is one JSON list of {size / 2**20:.1f} MiB; a list is read whole, "
+                          f"up to {JSON_LIST_MAX_BYTES / 2**20:.1f} MiB: give it as JSON Lines, one object per line "
                           f"(jq -c '.[]' {path.name} > {path.stem}.jsonl), which is read a batch at a time")
     try:
         values = json.loads(decode(path))
@@ -314,7 +314,7 @@ def read_csv(path: Path, name: str, wanted: list[str], delimiter: str, text_colu
     with text_file(path, newline="") as f:
         try:
             frames = pd.read_csv(f, sep=delimiter, usecols=present or None, keep_default_na=False,
-                                 dtype={c: str for c in strings + sorted(as_text)}, chunksize=max(BATCH_ROWS, 1),
+                                 dtype={c: str for c in strings + sorted(as_text)}, chunksize=_csv_batch_rows(path),
                                  na_values={c: list(na_default) for c in present if c not in strings})
             for frame in frames:
                 table = pa.Table.from_pandas(frame, preserve_index=False)
@@ -328,6 +328,15 @@ def read_csv(path: Path, name: str, wanted: list[str], delimiter: str, text_colu
             raise
         except (ValueError, pd.errors.ParserError, pa.ArrowException) as exc:
             raise CorpusError(f"could not read corpus file {path} as CSV: {str(exc).strip().splitlines()[0]}") from None
+
+
+def _csv_batch_rows(path: Path) -> int:
+    """Rows per batch for pandas' chunks: BATCH_ROWS, fewer where the file's first rows say that
+    many would pass BATCH_BYTES (pandas cuts chunks by rows only)."""
+    with open(path, "rb") as f:
+        sample = f.read(1 << 16)
+    row_bytes = len(sample) / max(sample.count(b"\n"), 1)
+    return max(1, min(BATCH_ROWS, int(BATCH_BYTES / row_bytes)))
 
 
 def check_csv_header(path: Path, delimiter: str) -> list[str]:
