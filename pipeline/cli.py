@@ -349,9 +349,12 @@ def _span(value: str | None) -> tuple[int, int] | None:
                                "default: the one with most rows.")
 @click.option("--rules", "rules_file", type=click.Path(dir_okay=False),
               help="Label thresholds for --grid (TOML or JSON, as for 'attnpipe heads').")
+@click.option("--site", type=click.Choice(["encoder-self", "decoder-self", "decoder-cross"]),
+              help="Encoder-decoder pair runs: which attention to draw (decoder-cross: target x source "
+                   "tokens); default encoder-self.")
 @command_boundary
 def plot(output, out_file, doc_id, layer, head, window_index, grid_stat, rollout_token, span, words, recipe,
-         rules_file):
+         rules_file, site):
     """Draw OUTPUT's attention as PNG or SVG: a heatmap of one document, layer and head labelled
     with its tokens (from maps, or from edges as a sparse view when no dense map was stored);
     with --grid a layers x heads grid of a statistic; with --rollout a rollout view."""
@@ -376,8 +379,10 @@ def plot(output, out_file, doc_id, layer, head, window_index, grid_stat, rollout
             else:
                 if layer is None or head is None:
                     raise click.UsageError("a heatmap needs --layer L and --head H (a number or 'mean')")
-                m = attention_matrix(ds, doc_id, layer, parse_head(head), window_index, recipe)
-                tokens, rows = window_tokens(ds, doc_id, window_index), True
+                m = attention_matrix(ds, doc_id, layer, parse_head(head), window_index, recipe, site)
+                tokens, rows = window_tokens(ds, doc_id, window_index, m.row_name.split()[0] if ds.pairs else "source"), True
+                if words and ds.pairs and m.row_name != m.col_name:
+                    raise click.UsageError("--words merges one side's tokens; a cross-attention heatmap has two")
             if cropped:
                 m = crop(m, *cropped, rows=rows)
                 tokens = tokens.iloc[cropped[0]:cropped[1]]

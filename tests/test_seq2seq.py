@@ -297,3 +297,47 @@ def test_a_pair_run_writes_every_site(pair_run):
     prov = read_records(pair_run)[0]["provenance"]
     assert prov["target_column"] == "summary" and "cross-attention layers run the torch recipes" in prov[
         "attention_fallback"]
+
+
+# --- the read side --------------------------------------------------------------------------------
+
+def test_token_views_join_each_side(pair_run):
+    """Cross rows: the query token is a target token, the key token a source token."""
+    from attnpipe.read import open_dataset
+
+    ds = open_dataset(pair_run)
+    view = ds.sql("SELECT doc_id, stack, attention, query_pos, query_token, key_pos, key_token FROM edges_tokens")
+    assert len(view) == len(ds.sql("SELECT * FROM edges"))  # every row joins exactly once
+    tokens = ds.sql("SELECT doc_id, side, position, token FROM tokens")
+    token = {(d, s, p): t for d, s, p, t in tokens.itertuples(index=False)}
+    side = {("encoder", "self"): ("source", "source"), ("decoder", "self"): ("target", "target"),
+            ("decoder", "cross"): ("target", "source")}
+    for r in view.itertuples(index=False):
+        q, k = side[(r.stack, r.attention)]
+        assert (r.query_token, r.key_token) == (token[(r.doc_id, q, r.query_pos)], token[(r.doc_id, k, r.key_pos)])
+    assert "rollout_tokens" in ds.query.views
+
+
+def test_heads_plot_and_report_know_the_sites(pair_run, tmp_path):
+    from attnpipe.read import open_dataset
+    from attnpipe.read.matrices import attention_matrix
+    from conftest import invoke
+
+    ds = open_dataset(pair_run)
+    atlas = ds.heads()
+    assert sorted({(s, a) for s, a in zip(atlas["stack"], atlas["attention"])}) == [
+        ("decoder", "cross"), ("decoder", "self"), ("encoder", "self")]
+    assert atlas[atlas["attention"] == "cross"]["prev_mass"].isna().all()
+    doc = ds.sql("SELECT doc_id FROM documents ORDER BY doc_id LIMIT 1")["doc_id"][0]
+    m = attention_matrix(ds, doc, 1, -1, site="decoder-cross")
+    target, source = (ds.sql(f"SELECT count(*) FROM tokens WHERE doc_id = '{doc}' AND side = '{s}'").iloc[0, 0]
+                      for s in ("target", "source"))
+    assert m.weights.shape == (target, source) and (m.row_name, m.col_name) == ("target token", "source token")
+    assert len(m.row_labels) == target and len(m.col_labels) == source
+    for args in (["--doc", doc, "--layer", "1", "--head", "mean", "--site", "decoder-cross"], ["--grid", "entropy_norm"]):
+        result = invoke("plot", pair_run, "-o", tmp_path / "p.png", *args)
+        assert result.exit_code == 0, result.output
+    result = invoke("report", pair_run, "-o", tmp_path / "r.html")
+    assert result.exit_code == 0, result.output
+    result = invoke("heads", pair_run)
+    assert result.exit_code == 0 and "decoder-cross" in result.output

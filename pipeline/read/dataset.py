@@ -116,6 +116,12 @@ class AttnDataset:
         return dict(latest.get("provenance", {}))
 
     @property
+    def pairs(self) -> bool:
+        """Whether the run read source/target pairs (an encoder-decoder with corpus.target_column):
+        its tokens have two sides, and decoder rows index target tokens."""
+        return bool(self.provenance.get("target_column"))
+
+    @property
     def job(self) -> dict:
         """The job that wrote the data, as recorded in `_dataset.json`."""
         return dict(self.info.get("job") or {})
@@ -153,13 +159,14 @@ class AttnDataset:
         return self.to_arrow(name, filter, columns).to_pandas()
 
     def tokens(self, doc_id: str, window_index: int | None = None):
-        """The tokens of one document (of one window, if given), in window and position order."""
+        """The tokens of one document (of one window, if given), in window, side and position order."""
         flt = {"doc_id": doc_id} if window_index is None else {"doc_id": doc_id, "window_index": window_index}
         df = self.to_pandas("tokens", flt)
         if df.empty:
             where = "" if window_index is None else f" window {window_index}"
             raise ReadError(f"document {doc_id!r}{where} is not in {self.path} (see its documents table)")
-        return df.sort_values(["window_index", "position"], ignore_index=True)
+        order = ["window_index", "side", "position"] if "side" in df.columns else ["window_index", "position"]
+        return df.sort_values(order, ignore_index=True)
 
     # --- heads, plots and the inline view --------------------------------------------------------
 
@@ -202,7 +209,7 @@ class AttnDataset:
 
             check_committed(self.path, self.records)  # DuckDB does not verify page checksums
             self._query = Query({t: self.files(t) for t in self.tables}, label=str(self.path),
-                                recipes=self.recipe_labels)
+                                recipes=self.recipe_labels, pairs=self.pairs)
         return self._query
 
     def sql(self, sql: str, output: str = "pandas"):

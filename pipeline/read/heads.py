@@ -94,12 +94,16 @@ def _read_rules(path: Path) -> dict:
     return dict(values)
 
 
-def atlas_sql(params: str | None = None) -> str:
-    """One row per (layer, head): windows, and the mean and sample std of every statistic."""
-    cols = ",\n  ".join(f"avg({s}) AS {s}, coalesce(stddev_samp({s}), 0) AS {s}_std" for s in STATS)
+def atlas_sql(params: str | None = None, sites: bool = False) -> str:
+    """One row per (layer, head): windows, and the mean and sample std of every statistic; with
+    `sites`, one atlas per attention kind: rows per (stack, attention, layer, head). Statistics
+    a kind does not define (cross-attention's self/prev/next/distance) stay null."""
+    cols = ",\n  ".join(f"avg({s}) AS {s}, CASE WHEN count({s}) > 0 THEN coalesce(stddev_samp({s}), 0) END AS {s}_std"
+                        for s in STATS)
     where = "" if params is None else "WHERE recipe_params = '" + params.replace("'", "''") + "'"
-    return (f"SELECT layer, head, count(*) AS windows, avg(window_tokens) AS window_tokens,\n  {cols}\n"
-            f"FROM head_stats {where}\nGROUP BY layer, head ORDER BY layer, head")
+    keys = "stack, attention, layer, head" if sites else "layer, head"
+    return (f"SELECT {keys}, count(*) AS windows, avg(window_tokens) AS window_tokens,\n  {cols}\n"
+            f"FROM head_stats {where}\nGROUP BY {keys} ORDER BY {keys}")
 
 
 def head_atlas(ds, rules: Rules | None = None, params: str | None = None):
@@ -111,7 +115,11 @@ def head_atlas(ds, rules: Rules | None = None, params: str | None = None):
     found = ds.sql("SELECT DISTINCT recipe_params FROM head_stats")["recipe_params"].tolist()
     if params is None and len(found) > 1:
         raise ReadError(f"head_stats holds rows of {len(found)} parameter sets ({', '.join(found)}); choose one")
-    atlas = ds.sql(atlas_sql(params))
+    columns = ds.sql("SELECT * FROM head_stats LIMIT 0").columns
+    # Several attention kinds (an encoder-decoder's): one atlas each. One kind (and v2 data,
+    # which has no sites) keeps the plain (layer, head) atlas.
+    kinds = "stack" in columns and len(ds.sql("SELECT DISTINCT stack, attention FROM head_stats")) > 1
+    atlas = ds.sql(atlas_sql(params, sites=kinds))
     return label_heads(atlas, rules or Rules())
 
 
@@ -119,14 +127,17 @@ def label_heads(atlas, rules: Rules):
     """Add label, family and evidence columns to a frame of per-head means (columns of STATS)."""
     decided = [_label(row, rules) for row in atlas.to_dict("records")]
     out = atlas.copy()
-    out.insert(2, "label", [d[0] for d in decided])
-    out.insert(3, "family", [d[1] for d in decided])
-    out.insert(4, "evidence", [d[2] for d in decided])
+    at = list(out.columns).index("head") + 1
+    out.insert(at, "label", [d[0] for d in decided])
+    out.insert(at + 1, "family", [d[1] for d in decided])
+    out.insert(at + 2, "evidence", [d[2] for d in decided])
     return out
 
 
 def _label(s: dict, r: Rules) -> tuple[str, str, str]:
-    """(label, family, evidence) of one head's mean statistics: the first rule that matches."""
+    """(label, family, evidence) of one head's mean statistics: the first rule that matches
+    (a rule on a statistic the head's kind does not define, null, never matches)."""
+    s = {k: (math.nan if v is None else v) for k, v in s.items()}
     positional = max((s["prev_mass"], "previous", "prev_mass"), (s["next_mass"], "next", "next_mass"),
                      (s["self_mass"], "self", "self_mass"))
     if positional[0] >= r.positional:
@@ -152,8 +163,10 @@ def display_frame(atlas, stats=STATS[:-1]):
     import pandas as pd
 
     shown = {"layer": atlas["layer"], "head": atlas["head"], "label": atlas["label"]}
+    if "stack" in atlas.columns:  # one atlas per attention kind
+        shown = {"site": atlas["stack"] + "-" + atlas["attention"], **shown}
     for s in stats:
         name = s.replace("_mass", "").replace("entropy_norm", "entropy").replace("mean_distance", "distance")
         fmt = "{:.1f}±{:.1f}" if s == "mean_distance" else "{:.2f}±{:.2f}"
-        shown[name] = [fmt.format(m, d) for m, d in zip(atlas[s], atlas[f"{s}_std"])]
+        shown[name] = ["null" if m is None or m != m else fmt.format(m, d) for m, d in zip(atlas[s], atlas[f"{s}_std"])]
     return pd.DataFrame(shown)

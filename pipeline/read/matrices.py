@@ -138,10 +138,12 @@ def head_name(head: int) -> str:
     return "mean of heads" if head == -1 else f"head {head}"
 
 
-def _layer_files(ds, table: str, layer: int | None) -> list[str]:
-    """Committed files of `table`, only those of `layer` when given (one folder per layer)."""
+def _layer_files(ds, table: str, layer: int | None, site: str | None = None) -> list[str]:
+    """Committed files of `table`, only those of `layer` (and of the site folder `site`, in pair
+    runs) when given."""
     return [str(ds.path / f["path"]) for _, r in sorted(ds.records.items()) for f in r["files"]
-            if f["table"] == table and (layer is None or f.get("layer") in (None, layer))]
+            if f["table"] == table and (layer is None or f.get("layer") in (None, layer))
+            and (site is None or f.get("site") in (None, site))]
 
 
 def _rows(ds, table: str, where: dict, layer: int | None = None):
@@ -149,7 +151,8 @@ def _rows(ds, table: str, where: dict, layer: int | None = None):
 
     from .dataset import _expression
 
-    files = _layer_files(ds, table, layer)
+    site = f"{where['stack']}-{where['attention']}" if "stack" in where and "attention" in where else None
+    files = _layer_files(ds, table, layer, site)
     if not files:
         return None
     from ..store.verify import parquet_format
@@ -158,11 +161,35 @@ def _rows(ds, table: str, where: dict, layer: int | None = None):
     return data.to_table(filter=_expression(where, data.schema)).to_pandas()
 
 
-def window_tokens(ds, doc_id: str, window_index: int = 0):
-    """The tokens of one window of a document; an empty document is named as such (it has a
-    documents row with empty = true and no tokens), not as missing."""
+SITES = ("encoder-self", "decoder-self", "decoder-cross")  # as `--site` names them
+
+
+def parse_site(site: str | tuple | None) -> tuple[str, str] | None:
+    """'decoder-cross' -> ("decoder", "cross"); None stays None (the dataset's default)."""
+    if site is None or isinstance(site, tuple):
+        return site
+    if site not in SITES:
+        raise ReadError(f"site must be one of {', '.join(SITES)}, got {site!r}")
+    stack, _, attention = site.partition("-")
+    return stack, attention
+
+
+def sides(ds, site: tuple[str, str] | None) -> tuple[str, str]:
+    """(query side, key side) of a site's positions: target for a pair run's decoder queries and
+    decoder self-attention keys, source otherwise."""
+    if not ds.pairs or site is None or site[0] != "decoder":
+        return "source", "source"
+    return "target", "target" if site[1] == "self" else "source"
+
+
+def window_tokens(ds, doc_id: str, window_index: int = 0, side: str = "source"):
+    """The tokens of one window (one side) of a document; an empty document is named as such
+    (it has a documents row with empty = true and no tokens), not as missing."""
     try:
-        return ds.tokens(doc_id, window_index)
+        tokens = ds.tokens(doc_id, window_index)
+        if "side" in tokens.columns:
+            tokens = tokens[tokens["side"] == side].reset_index(drop=True)
+        return tokens
     except ReadError:
         quoted = doc_id.replace("'", "''")
         found = ds.sql(f"SELECT empty, windows FROM documents WHERE doc_id = '{quoted}'")
@@ -176,25 +203,34 @@ def window_tokens(ds, doc_id: str, window_index: int = 0):
 
 
 def attention_matrix(ds, doc_id: str, layer: int, head: int, window_index: int = 0,
-                     recipe: str | None = None) -> Matrix:
-    """One (query_pos, key_pos) matrix: from maps if stored there, else edges (sparse)."""
+                     recipe: str | None = None, site: str | tuple | None = None) -> Matrix:
+    """One (query_pos, key_pos) matrix: from maps if stored there, else edges (sparse). `site`
+    (encoder-self, decoder-self, decoder-cross) chooses the attention of a pair run (default
+    encoder-self); a cross matrix is target tokens x source tokens."""
     layers = sorted({v for t in ("maps", "edges") if t in ds.tables for v in ds.tables[t]["layers"]})
     if layer not in layers:
         raise ReadError(f"layer {layer} is not stored in {ds.path}; layers with maps or edges: "
                         f"{', '.join(map(str, layers)) or 'none (the job had no edges or dense recipe)'}")
-    tokens = window_tokens(ds, doc_id, window_index)
-    labels = [clean_token(t) for t in tokens["token"]]
-    n = len(labels)
+    site = parse_site(site) or (("encoder", "self") if ds.pairs else None)
+    q_side, k_side = sides(ds, site)
+    rows_tokens = window_tokens(ds, doc_id, window_index, q_side)
+    labels = [clean_token(t) for t in rows_tokens["token"]]
+    cols = labels if k_side == q_side else [clean_token(t) for t in window_tokens(ds, doc_id, window_index, k_side)["token"]]
+    n, n_keys = len(labels), len(cols)
     where = {"doc_id": doc_id, "window_index": window_index, "layer": layer, "head": head}
+    if site is not None:
+        where.update(stack=site[0], attention=site[1])
     title = f"{doc_id} · layer {layer} · {head_name(head)}" + (f" · window {window_index}" if window_index else "")
+    title += f" · {site[0]} {site[1]}-attention" if ds.pairs else ""
+    names = {"row_name": f"{q_side} token", "col_name": f"{k_side} token"} if ds.pairs else {}
     if "maps" in ds.tables and recipe in (None, "dense"):
         maps = _rows(ds, "maps", where, layer)
         if maps is not None and len(maps):
             maps = maps[maps["recipe_params"] == maps["recipe_params"].iloc[0]]
-            w = np.zeros((n, n))  # causal rows stop at query_pos: later keys got no attention
+            w = np.zeros((n, n_keys))  # causal rows stop at query_pos: later keys got no attention
             for q, row in zip(maps["query_pos"], maps["weights"]):
                 w[q, :len(row)] = row
-            return Matrix(w, labels, labels, title, "maps (dense)")
+            return Matrix(w, labels, cols, title, "maps (dense)", **names)
     if "edges" in ds.tables:
         edges = _rows(ds, "edges", where, layer)
         if edges is not None and len(edges):
@@ -204,10 +240,11 @@ def attention_matrix(ds, doc_id: str, layer: int, head: int, window_index: int =
                 # The recipe/parameter set with the most rows here is the densest view.
                 key = edges.groupby(["recipe", "recipe_params"]).size().idxmax()
                 edges = edges[(edges["recipe"] == key[0]) & (edges["recipe_params"] == key[1])]
-                w = np.full((n, n), np.nan)
+                w = np.full((n, n_keys), np.nan)
                 w[edges["query_pos"].to_numpy(), edges["key_pos"].to_numpy()] = edges["weight"].to_numpy()
                 params = ", ".join(f"{k}={v}" for k, v in json.loads(key[1]).items())
-                return Matrix(w, labels, labels, title, f"edges, {key[0]} ({params}): sparse, blank = not stored")
+                return Matrix(w, labels, cols, title, f"edges, {key[0]} ({params}): sparse, blank = not stored",
+                              **names)
     raise ReadError(f"no attention of {doc_id} window {window_index}, layer {layer}, {head_name(head)}"
                     f"{f', recipe {recipe}' if recipe else ''} in maps or edges; stored there: "
                     f"{available_heads(ds, doc_id, window_index, layer) or 'nothing for this layer'}")
@@ -245,7 +282,10 @@ def rollout_matrix(ds, doc_id: str, token: str | int, window_index: int = 0) -> 
         raise ReadError(f"{ds.path} has no rollout table: add the rollout recipe to the job and run it")
     tokens = window_tokens(ds, doc_id, window_index)
     pos = find_token(tokens, token)
-    rows = _rows(ds, "rollout", {"doc_id": doc_id, "window_index": window_index, "query_pos": pos})
+    where = {"doc_id": doc_id, "window_index": window_index, "query_pos": pos}
+    if ds.pairs:  # the encoder's rollout, over the source tokens
+        where.update(stack="encoder", attention="self")
+    rows = _rows(ds, "rollout", where)
     if rows is None or rows.empty:
         raise ReadError(f"no rollout rows for {doc_id} window {window_index} token {pos}")
     rows = rows[rows["recipe_params"] == rows["recipe_params"].iloc[0]]

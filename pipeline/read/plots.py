@@ -91,17 +91,19 @@ def grid_figure(atlas, stat: str):
         from .heads import STATS
 
         raise ReadError(f"unknown statistic {stat!r}; statistics: {', '.join(STATS)}")
-    layers, heads = sorted(set(atlas["layer"])), sorted(set(atlas["head"]))
+    kinds = "stack" in atlas.columns  # one atlas per attention kind: a block of rows each
+    row_of = (lambda r: (r.stack, r.attention, r.layer)) if kinds else (lambda r: r.layer)  # noqa: E731
+    layers, heads = sorted({row_of(r) for r in atlas.itertuples()}), sorted(set(atlas["head"]))
     grid = np.full((len(layers), len(heads)), np.nan)
     names = np.full(grid.shape, "", dtype=object)
     for row in atlas.itertuples():
-        i, j = layers.index(row.layer), heads.index(row.head)
+        i, j = layers.index(row_of(row)), heads.index(row.head)
         grid[i, j] = getattr(row, stat)
         names[i, j] = SHORT.get(row.label, row.label)
     fig, ax = plt.subplots(figsize=(max(4.0, 0.62 * len(heads) + 2), max(2.5, 0.5 * len(layers) + 1.4)))
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=_cmap(plt), aspect="auto")
     ax.set_xticks(range(len(heads)), ["mean" if h == -1 else str(h) for h in heads], fontsize=8)
-    ax.set_yticks(range(len(layers)), [str(v) for v in layers], fontsize=8)
+    ax.set_yticks(range(len(layers)), [f"{v[0]}-{v[1]} {v[2]}" if kinds else str(v) for v in layers], fontsize=8)
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title(f"{stat}: mean over windows, with each head's label", fontsize=9)

@@ -23,19 +23,23 @@ import pyarrow as pa
 from ..errors import QueryError
 
 # Joins users would otherwise write every time: edge and rollout rows with the strings of their
-# query and key tokens (the same positions: tokens.position = query_pos / key_pos).
+# query and key tokens (the same positions: tokens.position = query_pos / key_pos, on the side
+# each position indexes: in encoder-decoder pair runs a decoder row's queries are target tokens,
+# and so are its keys for self-attention, while cross-attention keys are source tokens).
 TOKEN_VIEWS = {
     "edges_tokens": ("edges", "e.head, "),
     "rollout_tokens": ("rollout", ""),
 }
 _TOKEN_VIEW_SQL = """
 CREATE VIEW {name} AS
-SELECT e.doc_id, e.window_index, e.layer, {head}e.query_pos, q.token AS query_token,
+SELECT e.doc_id, e.window_index, e.layer, {site}{head}e.query_pos, q.token AS query_token,
        e.key_pos, k.token AS key_token, e.weight, e.recipe, e.recipe_params{label}
 FROM {base} e
-JOIN tokens q ON q.doc_id = e.doc_id AND q.window_index = e.window_index AND q.position = e.query_pos
-JOIN tokens k ON k.doc_id = e.doc_id AND k.window_index = e.window_index AND k.position = e.key_pos
+JOIN tokens q ON q.doc_id = e.doc_id AND q.window_index = e.window_index AND q.position = e.query_pos{q_side}
+JOIN tokens k ON k.doc_id = e.doc_id AND k.window_index = e.window_index AND k.position = e.key_pos{k_side}
 """
+_QUERY_SIDE = " AND q.side = CASE WHEN e.stack = 'decoder' THEN 'target' ELSE 'source' END"
+_KEY_SIDE = " AND k.side = CASE WHEN e.stack = 'decoder' AND e.attention = 'self' THEN 'target' ELSE 'source' END"
 
 # DESCRIBE, SHOW, SUMMARIZE, VALUES and FROM-first all parse as SELECT; EXPLAIN is checked on the
 # statement it explains (EXPLAIN ANALYZE runs it).
@@ -130,8 +134,9 @@ class Query:
     open only the dataset's committed files. `run(sql)` checks the statement, then runs it."""
 
     def __init__(self, files: dict[str, list[Path]], label: str = "the dataset",
-                 recipes: dict[str, str] | None = None):
+                 recipes: dict[str, str] | None = None, pairs: bool = False):
         self.label = label
+        self.pairs = pairs  # source/target pairs (corpus.target_column): tokens on two sides
         self.tables = sorted(t for t, fs in files.items() if fs)
         allowed = sorted(str(Path(f).resolve()) for fs in files.values() for f in fs)
         # DuckDB adds its temp folder to the allowed paths, and the default is ./.tmp of the
@@ -165,7 +170,11 @@ class Query:
             if base in self.tables and "tokens" in self.tables:
                 columns = [d[0] for d in self.con.execute(f'SELECT * FROM "{base}" LIMIT 0').description]
                 label = ", e.recipe_label" if "recipe_label" in columns else ""  # schema v3 and later
-                self.con.execute(_TOKEN_VIEW_SQL.format(name=name, base=base, head=head, label=label))
+                site = "e.stack, e.attention, " if "stack" in columns else ""  # not in v2 data
+                sides = self.pairs and "stack" in columns
+                self.con.execute(_TOKEN_VIEW_SQL.format(name=name, base=base, head=head, label=label, site=site,
+                                                        q_side=_QUERY_SIDE if sides else "",
+                                                        k_side=_KEY_SIDE if sides else ""))
                 self.views.append(name)
         for label, table in sorted(recipes.items()):
             if table in self.tables and label not in self.views and label.isidentifier():

@@ -58,6 +58,8 @@ def _views(ds, doc_id: str, n: int) -> tuple[dict, list, list]:
     views: dict[str, dict] = {}
     quoted = doc_id.replace("'", "''")
     where = f"doc_id = '{quoted}' AND window_index = 0 AND query_pos < {n}"
+    if ds.pairs:  # the view draws one sequence: the encoder's self-attention over the source
+        where += " AND stack = 'encoder' AND attention = 'self'"
     if "edges" in ds.tables:
         edges = ds.sql(f"SELECT layer, head, query_pos, key_pos, weight, recipe, recipe_params FROM edges "
                        f"WHERE {where} AND key_pos < {n}")
@@ -97,6 +99,8 @@ def head_view_data(ds, doc_ids: list[str]) -> dict:
     docs = []
     for doc_id in doc_ids:
         tokens = ds.tokens(doc_id, 0)
+        if "side" in tokens.columns:
+            tokens = tokens[tokens["side"] == "source"]
         labels = [clean_token(t) for t in tokens["token"]][:MAX_VIEW_TOKENS]
         views, layers, heads = _views(ds, doc_id, len(labels))
         if views:
