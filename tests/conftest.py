@@ -158,3 +158,32 @@ def toml_value(v) -> str:
     if isinstance(v, str):
         return f'"{v}"'
     return str(v)
+
+
+def error_line(result) -> str:
+    """The error a user sees from a CLI result: exit 1, exactly one 'Error:' line, which is the
+    last line, and no traceback."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)  # not an escaped exception
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("Error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.output
+    return errors[0]
+
+
+def one_line_error(result) -> str:
+    """`error_line`, with nothing else printed."""
+    line = error_line(result)
+    assert len([x for x in result.output.splitlines() if x.strip()]) == 1, result.output
+    return line
+
+
+def raises_one_line(kind: type, call, *args, **kwargs) -> str:
+    """The message of the error `call` raises: of type `kind`, one line."""
+    with pytest.raises(kind) as info:
+        call(*args, **kwargs)
+    message = str(info.value)
+    assert message and "\n" not in message, message
+    return message
+

@@ -19,7 +19,7 @@ from attnpipe.errors import AttnpipeError
 from attnpipe.recipes import RECIPES
 from attnpipe.store.schema import load_schemas
 
-from conftest import invoke, write_job
+from conftest import error_line, invoke, write_job
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [{"text": "The animal didn't cross the street because it was too tired.", "id": "d1", "topic": "a"},
@@ -29,16 +29,6 @@ DOCS = [{"text": "The animal didn't cross the street because it was too tired.",
         {"text": "Glass was expensive, and large windows let out precious heat.", "id": "d5", "topic": "c"}]
 
 
-def error_line(result) -> str:
-    """The error a user sees: exit 1 from a ClickException, exactly one 'Error:' line, which is
-    the last line, and no traceback."""
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("Error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.output
-    return errors[0]
 
 
 def parquet_files(out: Path) -> list[Path]:

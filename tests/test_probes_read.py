@@ -23,17 +23,11 @@ from attnpipe.read import open_dataset
 from attnpipe.store import committed_files
 from attnpipe.store.verify import check_committed, parquet_format
 
-from conftest import invoke, write_job
+from conftest import invoke, one_line_error, write_job
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def one_line_error(result) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from attnpipe import plan_preview
 from attnpipe.plan_preview import preview, windows_of
 from attnpipe.store import paths, read_records
 
-from conftest import invoke, write_job
+from conftest import invoke, one_line_error, write_job
 
 SHORT = ["The animal didn't cross the street because it was too tired.", "Why do cats purr?",
          "Rain fell all night; by morning the road was a river.", "Short.",
@@ -60,12 +60,6 @@ def status_json(out: Path) -> tuple[int, dict]:
     return result.exit_code, json.loads(result.stdout)
 
 
-def error_line(result) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
-    return lines[0]
 
 
 def tree(folder: Path) -> dict:
@@ -194,15 +188,15 @@ def test_status_errors_are_one_line(tmp_path, done):
     plain = tmp_path / "plain"
     plain.mkdir()
     (plain / "notes.txt").write_text("hello")
-    assert "is not an attnpipe output" in error_line(invoke("status", plain))
-    assert "does not exist" in error_line(invoke("status", tmp_path / "missing"))
+    assert "is not an attnpipe output" in one_line_error(invoke("status", plain))
+    assert "does not exist" in one_line_error(invoke("status", tmp_path / "missing"))
     old = tmp_path / "old"
     old.mkdir()
     (old / paths.MANIFEST).write_text(json.dumps({"format_version": 1}))
-    assert "attnpipe 0.1" in error_line(invoke("status", old))
+    assert "attnpipe 0.1" in one_line_error(invoke("status", old))
     _, out = done
     paths.record_path(out, 1).write_text("{not json")
-    assert "shard-00001.json cannot be read" in error_line(invoke("status", out, "--json"))
+    assert "shard-00001.json cannot be read" in one_line_error(invoke("status", out, "--json"))
 
 
 # --- run --dry-run -----------------------------------------------------------------------------
@@ -273,7 +267,7 @@ def test_dry_run_of_a_half_done_output_lists_only_pending_shards(done):
 def test_dry_run_refuses_what_the_run_refuses(done):
     job, out = done
     write_corpus(job.parent / "corpus.jsonl", ["Changed in place."] + TEXTS[1:])
-    assert "the corpus changed since shard 0" in error_line(invoke("run", job, "--dry-run"))
+    assert "the corpus changed since shard 0" in one_line_error(invoke("run", job, "--dry-run"))
 
 
 def test_dry_run_without_a_tokenizer_counts_characters(tmp_path, tiny_model_dir):

@@ -30,7 +30,7 @@ from attnpipe.inspect import open_table
 from attnpipe.job import CorpusSpec, RunSpec, load_job
 from attnpipe.store import committed_files, read_records
 
-from conftest import invoke, tiny_model, write_job
+from conftest import error_line, invoke, tiny_model, write_job
 
 TEXTS = ["The animal didn't cross the street because it was too tired.", "Why do cats purr?",
          "Rain fell all night; by morning the road was a river.", "Short.",
@@ -68,12 +68,6 @@ def run(job: Path, **kw):
     return run_job(load_job(job), quiet=True, **kw)
 
 
-def error_line(result) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len([line for line in lines if line.startswith("Error:")]) == 1 and lines[-1].startswith("Error:")
-    return lines[-1]
 
 
 def stamps(out: Path) -> dict:
