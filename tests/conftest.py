@@ -11,6 +11,12 @@ import os
 # Before transformers/huggingface_hub are imported: they read these once, at import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# attnpipe's own caches (corpus, verified files, mirrored URLs) in a folder of this test session,
+# never in the user's home.
+if "ATTNPIPE_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["ATTNPIPE_CACHE"] = tempfile.mkdtemp(prefix="attnpipe-test-cache-")
 
 import copy  # noqa: E402
 from pathlib import Path

@@ -166,6 +166,22 @@ def test_damaged_file_found_even_after_a_clean_check_in_the_process(out):
         check_committed(out, ds.records)
 
 
+def test_verified_files_are_remembered_across_processes(out, monkeypatch):
+    """A later command (a new process: the in-process set is empty) does not hash again what
+    an earlier one verified, until a file changes."""
+    import attnpipe.store.verify as verify
+
+    records = open_dataset(out).records
+    assert check_committed(out, records) > 0
+    monkeypatch.setattr(verify, "_VERIFIED", set())
+    assert check_committed(out, records) == 0  # from the cache file
+    victim = committed_files(out, "tokens")[0]
+    flip(victim)
+    monkeypatch.setattr(verify, "_VERIFIED", set())
+    with pytest.raises(OutputError, match="damaged"):
+        check_committed(out, records)
+
+
 def test_hash_budget_bounds_the_readers_check(out):
     records = open_dataset(out).records
     assert check_committed(out, records, budget=0) == 0  # sizes only

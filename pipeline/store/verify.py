@@ -138,12 +138,46 @@ def verify(out: Location | Path | str) -> Report:
 
 # --- the readers' check: cheap enough to run before every read -----------------------------------
 
-# Committed files never change (their names carry the attempt), so a file hashed once in this
-# process is trusted while its size and mtime stay the same.
-_VERIFIED: set[tuple[str, int, int, str]] = set()
+# Committed files never change (their names carry the attempt), so a file hashed once is trusted
+# while its size, mtime and inode stay the same: in this process, and across processes through a
+# small file per dataset in the user's cache ($ATTNPIPE_CACHE, default ~/.cache/attnpipe), so a
+# large dataset is hashed once, a budget's worth per command, not on every query.
+_VERIFIED: set[tuple] = set()
 # sha256 runs at about 1 GB/s here; above this many bytes per open, the rest get size checks only
-# (`attnpipe verify` hashes everything).
+# this time (`attnpipe verify` hashes everything).
 HASH_BUDGET = 2 << 30
+
+
+def _verified_file(root: Path) -> Path:
+    import hashlib
+    import os
+
+    base = Path(os.environ.get("ATTNPIPE_CACHE") or Path.home() / ".cache" / "attnpipe")
+    return base / "verified" / (hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16] + ".json")
+
+
+def _load_verified(root: Path) -> None:
+    import json
+
+    try:
+        _VERIFIED.update(tuple(k) for k in json.loads(_verified_file(root).read_text()))
+    except (OSError, ValueError, TypeError):
+        pass  # no cache yet, or unreadable: hash again
+
+
+def _save_verified(root: Path) -> None:
+    import json
+    import os
+
+    path = _verified_file(root)
+    prefix = str(root.resolve())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(sorted(list(k) for k in _VERIFIED if k[0].startswith(prefix))))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a cache that cannot be written only costs hashing again next time
 
 
 def check_committed(out: Location | Path | str, records: dict[int, dict], budget: int = HASH_BUDGET) -> int:
@@ -154,23 +188,26 @@ def check_committed(out: Location | Path | str, records: dict[int, dict], budget
     loc = as_location(out)
     if not loc.local:
         return 0
-    hashed = 0
+    hashed, root = 0, Path(loc.root)
+    _load_verified(root)
     for _, record in sorted(records.items()):
         for f in record["files"]:
-            path = Path(loc.path(f["path"]))
+            path = Path(loc.path(f["path"])).resolve()
             try:
                 st = path.stat()
             except OSError:
                 raise _damaged(loc, f"{f['path']} is missing") from None
             if st.st_size != f["bytes"]:
                 raise _damaged(loc, f"{f['path']} has {st.st_size} bytes, its record says {f['bytes']}")
-            key = (str(path), st.st_size, st.st_mtime_ns, f["sha256"])
+            key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino, f["sha256"])
             if key in _VERIFIED or hashed + st.st_size > budget:
                 continue
             hashed += st.st_size
             if sha256_of(path) != f["sha256"]:
                 raise _damaged(loc, f"{f['path']} differs from its record's sha256")
             _VERIFIED.add(key)
+    if hashed:
+        _save_verified(root)
     return hashed
 
 
