@@ -35,10 +35,12 @@ class FusedAttention(LayerAttention):
     def supported(self) -> bool:
         """The kernels know padding, causal masks and causal sliding windows; a position bias, a
         bidirectional sliding window (keys on both sides) or cross-attention (query and key
-        lengths differ, the kernels take one length per window) goes to the torch path."""
+        lengths differ, the kernels take one length per window) goes to the torch path. So does a
+        layer the capture ran on the model's eager attention (`given`: soft-capping as in Gemma2,
+        an attention sink), whose scores the kernels cannot form from q and k alone."""
         i = self.inputs
         return (i.position_bias is None and (i.sliding_window is None or self.masks.causal)
-                and not self.masks.cross)
+                and not self.masks.cross and i.given is None)
 
     @property
     def _common(self) -> dict:
