@@ -259,6 +259,21 @@ def _as_text(value) -> str:
     return value if isinstance(value, str) else ("" if value is None else str(value))
 
 
+def _occurrence(digests: np.ndarray) -> np.ndarray:
+    """(rows,) which repeat of its text each row is, 1 for the first, counted in row order over
+    the whole 20-byte sha1 (rows grouped by a sort, not a dict of every digest)."""
+    n = len(digests)
+    keys = np.ascontiguousarray(digests).view([("a", "<u8"), ("b", "<u8"), ("c", "<u4")]).ravel()
+    _, inverse = np.unique(keys, return_inverse=True)
+    order = np.argsort(inverse.ravel(), kind="stable")  # rows of one text together, in row order
+    grouped = inverse.ravel()[order]
+    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]]) if n else np.zeros(0, np.int64)
+    first = np.repeat(starts, np.diff(np.r_[starts, n]))  # where each row's group starts
+    occurrence = np.empty(n, np.int32)
+    occurrence[order] = np.arange(n) - first + 1
+    return occurrence
+
+
 @dataclass
 class ShardDocs:
     """The documents of one shard, sorted by doc_id (so the rows written for a doc_id range are
@@ -291,26 +306,45 @@ class Corpus:
     def __init__(self, ds: datasets.Dataset, spec: CorpusSpec):
         self.spec = spec
         self.table: pa.Table = ds.data.table if ds._indices is None else ds.flatten_indices().data.table
-        texts = self.table.column(spec.text_column)
-        self.text_sha1: list[str] = []
-        self.chars = np.zeros(len(self.table), dtype=np.int64)
+        # Per row, in arrays (about 32 bytes a row, not Python strings: millions of rows): the sha1
+        # of the text, its characters and which repeat of that text the row is. Hex digests and
+        # ids are made for the rows of a shard when it is planned.
+        n = len(self.table)
+        self.digests = np.zeros((n, 20), dtype=np.uint8)  # (row, sha1 byte)
+        self.chars = np.zeros(n, dtype=np.int64)
         row = 0
-        for chunk in texts.chunks:
-            for value in chunk.to_pylist():
-                text = _as_text(value)
-                self.text_sha1.append(text_sha1(text))
-                self.chars[row] = len(text)
-                row += 1
-        self.occurrence = np.ones(len(self.table), dtype=np.int32)
-        seen: dict[str, int] = {}
-        for i, sha in enumerate(self.text_sha1):
-            seen[sha] = seen.get(sha, 0) + 1
-            self.occurrence[i] = seen[sha]
-        self.doc_ids = self._ids_from_column() if spec.id_column else [
-            sha[:16] if n == 1 else f"{sha[:16]}-{n}" for sha, n in zip(self.text_sha1, self.occurrence)]
+        for chunk in self.table.column(spec.text_column).chunks:  # a batch at a time (memory-mapped)
+            texts = [_as_text(v) for v in chunk.to_pylist()]
+            if texts:
+                digests = b"".join(hashlib.sha1(t.encode("utf-8")).digest() for t in texts)
+                self.digests[row: row + len(texts)] = np.frombuffer(digests, np.uint8).reshape(-1, 20)
+                self.chars[row: row + len(texts)] = [len(t) for t in texts]
+            row += len(texts)
+        self.occurrence = _occurrence(self.digests)
+        self._column_ids = self._ids_from_column() if spec.id_column else None
 
     def __len__(self) -> int:
         return len(self.table)
+
+    def ids(self, rows: np.ndarray) -> list[str]:
+        """The doc_ids of `rows`."""
+        if self._column_ids is not None:
+            return [self._column_ids[r] for r in rows]
+        return [sha[:16] if n == 1 else f"{sha[:16]}-{n}" for sha, n in zip(self.sha1(rows), self.occurrence[rows])]
+
+    def sha1(self, rows: np.ndarray) -> list[str]:
+        """The hex sha1 of the texts of `rows`."""
+        hexed = self.digests[rows].tobytes().hex()
+        return [hexed[i: i + 40] for i in range(0, len(hexed), 40)]
+
+    @property
+    def doc_ids(self) -> list[str]:
+        """Every row's doc_id (a list of the whole corpus: shards use `ids`)."""
+        return self.ids(np.arange(len(self)))
+
+    @property
+    def text_sha1(self) -> list[str]:
+        return self.sha1(np.arange(len(self)))
 
     @property
     def repeated_texts(self) -> int:
@@ -337,9 +371,10 @@ class Corpus:
     def shard(self, index: int, start: int, stop: int) -> ShardDocs:
         """Shard `index`: corpus rows [start, stop), sorted by doc_id."""
         rows = np.arange(start, min(stop, len(self)))
-        rows = rows[np.argsort(np.array(self.doc_ids[start:stop], dtype=object), kind="stable")]
-        return ShardDocs(index, rows, [self.doc_ids[r] for r in rows], [self.text_sha1[r] for r in rows],
-                         self.occurrence[rows], self.chars[rows])
+        ids = self.ids(rows)
+        order = np.argsort(np.array(ids, dtype=object), kind="stable")
+        rows = rows[order]
+        return ShardDocs(index, rows, [ids[i] for i in order], self.sha1(rows), self.occurrence[rows], self.chars[rows])
 
     def texts(self, rows: np.ndarray) -> list[str]:
         return [_as_text(v) for v in self.table.column(self.spec.text_column).take(pa.array(rows)).to_pylist()]

@@ -263,3 +263,26 @@ def test_a_big_json_list_is_refused_with_the_command_that_streams_it(tmp_path, m
     (tmp_path / "c.json").write_text(json.dumps(ROWS), encoding="utf-8")
     with pytest.raises(CorpusError, match=r"one JSON list of 0\.0 MiB.*\(jq -c '\.\[\]' c.json > c.jsonl\)"):
         _open(tmp_path, path="c.json")
+
+
+# --- Corpus: per-row arrays, ids as before ---------------------------------------------------------
+
+def test_hash_ids_and_repeats_match_a_dict_count(tmp_path, monkeypatch):
+    """Occurrence counted by sorting digests equals counting each text in row order."""
+    import hashlib
+    import random
+
+    monkeypatch.setattr(corpus_files, "BATCH_ROWS", 7)
+    rng = random.Random(0)
+    texts = [rng.choice(["a", "b", "c", "", "d e", "f"]) + str(rng.randint(0, 3)) for _ in range(200)]
+    _jsonl(tmp_path / "c.jsonl", [{"text": t} for t in texts])
+    corpus = Corpus(_open(tmp_path, path="c.jsonl"), CorpusSpec(path="c.jsonl"))
+    seen, expected = {}, []
+    for t in texts:
+        seen[t] = seen.get(t, 0) + 1
+        sha = hashlib.sha1(t.encode()).hexdigest()
+        expected.append(sha[:16] if seen[t] == 1 else f"{sha[:16]}-{seen[t]}")
+    assert corpus.doc_ids == expected and corpus.text_sha1 == [hashlib.sha1(t.encode()).hexdigest() for t in texts]
+    shard = corpus.shard(0, 50, 120)
+    assert shard.doc_ids == sorted(expected[50:120]) and shard.doc_ids == [expected[r] for r in shard.rows]
+    assert shard.text_sha1 == [corpus.text_sha1[r] for r in shard.rows]
