@@ -27,6 +27,7 @@ bench: setup
 	$(PY) benchmarks/bench_capture.py
 	$(PY) benchmarks/bench_storage.py
 	$(PY) benchmarks/bench_extract.py
+	$(PY) benchmarks/bench_corpus.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -52,9 +52,12 @@ COMPRESSED = {b"\x1f\x8b": ("gzip", "gzip -dc"), b"\x28\xb5\x2f\xfd": ("zstd", "
 SCALAR_IDS = (str, int, float, bool)  # bool is an int; listed for the message
 
 
+TYPE_NAMES = {str: "a string", int: "a number", float: "a number", bool: "a boolean", list: "a list",
+              dict: "an object", bytes: "bytes", type(None): "null"}
+
+
 def _type_name(value) -> str:
-    return {str: "a string", int: "a number", float: "a number", bool: "a boolean", list: "a list",
-            dict: "an object", bytes: "bytes", type(None): "null"}.get(type(value), type(value).__name__)
+    return TYPE_NAMES.get(type(value), type(value).__name__)
 
 
 # --- bytes to text --------------------------------------------------------------------------------
@@ -257,6 +260,8 @@ def read_json(path: Path, name: str, wanted: list[str], text_column: str, id_col
 
 
 def _check_text(values: list, lines: list[int], path: Path, where: str, column: str) -> None:
+    if set(map(type, values)) <= {str, type(None)}:  # the usual batch: one pass in C
+        return
     for value, number in zip(values, lines):
         if value is not None and not isinstance(value, str):
             raise CorpusError(f"corpus file {path}, {where} {number}: corpus.text_column {column!r} holds "
@@ -264,6 +269,8 @@ def _check_text(values: list, lines: list[int], path: Path, where: str, column: 
 
 
 def _check_ids(values: list, lines: list[int], path: Path, where: str, column: str) -> None:
+    if set(map(type, values)) <= {*SCALAR_IDS, type(None)}:
+        return
     for value, number in zip(values, lines):
         if value is not None and not isinstance(value, SCALAR_IDS):
             raise CorpusError(f"corpus file {path}, {where} {number}: corpus.id_column {column!r} holds "
@@ -280,10 +287,14 @@ def _column(values: list, lines: list[int], path: Path, where: str, column: str,
     """One column of a batch as Arrow; values of two kinds in the file (a string and a number,
     say; `kinds` holds the first line of each kind seen so far) are refused rather than
     stringified."""
-    for value, number in zip(values, lines):
-        if value is not None:
-            kinds.setdefault("a number" if isinstance(value, (int, float)) and not isinstance(value, bool)
-                             else _type_name(value), number)
+    new = {TYPE_NAMES.get(t, t.__name__) for t in set(map(type, values))} - {"null"} - kinds.keys()
+    for value, number in zip(values, lines) if new else ():  # the first line of a kind not seen before
+        name = _type_name(value)
+        if name in new:
+            kinds[name] = number
+            new.discard(name)
+            if not new:
+                break
     if len(kinds) > 1:
         (a, la), (b, lb) = list(kinds.items())[:2]
         raise CorpusError(f"corpus file {path}: column {column!r} mixes types: {a} ({where} {la}) and {b} "
