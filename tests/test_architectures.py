@@ -3,7 +3,9 @@ stores (`dense` through `reduce_batch`) equal HF eager `output_attentions=True` 
 on tiny RoBERTa, DistilBERT, Mistral (sliding window shorter than the text), Qwen2 (grouped-query
 attention), Gemma (multi-query) and Gemma2 (attention logit soft-capping and a sliding window),
 with padding in the batch, for each backend: eager, sdpa, and fused on the kernels' torch
-reference (there `topk` with k = every key also comes from the kernels, so it is compared too).
+reference. There `topk` with k = every key comes from the kernels, so it is compared too; on
+Gemma2 it must not: the kernels form scores without the soft-cap, so its layers (run on the
+model's eager attention whatever the backend) go to the torch recipes.
 
 BERT, GPT-2, Llama (GQA), T5 and BART are covered by tests/test_capture.py and
 tests/test_backends.py over conftest's TINY_CONFIGS (encoder self-attention), T5, BART and Marian
@@ -48,10 +50,11 @@ CONFIGS = {
     "mistral": lambda: MistralConfig(**SIZES, num_key_value_heads=2, sliding_window=WINDOW),
     # causal, GQA, bias on q/k/v
     "qwen2": lambda: Qwen2Config(**SIZES, num_key_value_heads=2),
-    # causal, multi-query (one key/value head), head_dim set apart from hidden / heads
-    "gemma": lambda: GemmaConfig(**SIZES, num_key_value_heads=1, head_dim=8),
-    # causal, GQA, tanh soft-capping of the scores; layer 0 a sliding window, layer 1 full
-    "gemma2": lambda: Gemma2Config(**SIZES, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+    # causal, multi-query (one key/value head), heads of 16 dims: 4 x 16 is not the hidden size
+    "gemma": lambda: GemmaConfig(**SIZES, num_key_value_heads=1, head_dim=16),
+    # causal, GQA, tanh soft-capping of the scores; layer 0 a sliding window, layer 1 full;
+    # scaling 1/sqrt(query_pre_attn_scalar), not 1/sqrt(head_dim)
+    "gemma2": lambda: Gemma2Config(**SIZES, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=16,
                                    attn_logit_softcapping=SOFTCAP, final_logit_softcapping=None,
                                    sliding_window=WINDOW),
 }
