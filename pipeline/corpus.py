@@ -260,14 +260,19 @@ def _as_text(value) -> str:
 
 
 def _occurrence(digests: np.ndarray) -> np.ndarray:
-    """(rows,) which repeat of its text each row is, 1 for the first, counted in row order over
-    the whole 20-byte sha1 (rows grouped by a sort, not a dict of every digest)."""
+    """(rows,) which repeat of its text each row is, 1 for the first, counted in row order: rows
+    grouped by a stable sort on the digest's first 8 bytes, each group checked to hold one full
+    digest (else, a 64-bit collision, sorted on all 20 bytes)."""
     n = len(digests)
-    keys = np.ascontiguousarray(digests).view([("a", "<u8"), ("b", "<u8"), ("c", "<u4")]).ravel()
-    _, inverse = np.unique(keys, return_inverse=True)
-    order = np.argsort(inverse.ravel(), kind="stable")  # rows of one text together, in row order
-    grouped = inverse.ravel()[order]
-    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]]) if n else np.zeros(0, np.int64)
+    keys = np.ascontiguousarray(digests[:, :8]).view("<u8").ravel()
+    order = np.argsort(keys, kind="stable")  # rows of one text together, in row order
+    starts = np.flatnonzero(np.r_[True, keys[order][1:] != keys[order][:-1]]) if n else np.zeros(0, np.int64)
+    same = np.ones(n, bool)
+    same[starts] = False  # rows that should repeat the row before them in `order`
+    if (digests[order][same] != digests[order][np.flatnonzero(same) - 1]).any():
+        full = np.ascontiguousarray(digests).view([("a", "<u8"), ("b", "<u8"), ("c", "<u4")]).ravel()
+        order = np.argsort(full, kind="stable")
+        starts = np.flatnonzero(np.r_[True, full[order][1:] != full[order][:-1]])
     first = np.repeat(starts, np.diff(np.r_[starts, n]))  # where each row's group starts
     occurrence = np.empty(n, np.int32)
     occurrence[order] = np.arange(n) - first + 1

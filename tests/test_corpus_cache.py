@@ -199,7 +199,7 @@ def test_batches_hold_at_most_batch_bytes_of_text(tmp_path, cache, monkeypatch, 
     assert max(_cache_batches(cache)) <= 3
 
 
-def test_paragraphs_and_lines_across_read_boundaries(tmp_path, monkeypatch, settled):
+def test_paragraphs_and_lines_across_read_boundaries(tmp_path, cache, monkeypatch, settled):
     """Reads of 7 bytes cut lines, \\r\\n pairs, multibyte characters and paragraphs."""
     monkeypatch.setattr(corpus_files, "READ_BYTES", 7)
     monkeypatch.setattr(corpus_files, "BATCH_ROWS", 1)
@@ -286,3 +286,15 @@ def test_hash_ids_and_repeats_match_a_dict_count(tmp_path, monkeypatch):
     shard = corpus.shard(0, 50, 120)
     assert shard.doc_ids == sorted(expected[50:120]) and shard.doc_ids == [expected[r] for r in shard.rows]
     assert shard.text_sha1 == [corpus.text_sha1[r] for r in shard.rows]
+
+
+def test_repeats_are_told_apart_by_the_whole_digest():
+    """Rows whose digests share the first 8 bytes (the sort key) but differ later are not repeats."""
+    import numpy as np
+
+    from attnpipe.corpus import _occurrence
+
+    digests = np.zeros((6, 20), np.uint8)
+    digests[:, 19] = [1, 2, 1, 2, 3, 1]  # same first 8 bytes everywhere
+    assert _occurrence(digests).tolist() == [1, 1, 2, 2, 1, 3]
+    assert _occurrence(np.zeros((0, 20), np.uint8)).tolist() == []
