@@ -62,7 +62,9 @@ out = {"seconds": time.perf_counter() - start, "peak": rss(), "base": base, "row
 if with_corpus and impl != "datasets":
     start = time.perf_counter()
     corpus = Corpus(ds, spec)
-    out.update(corpus_seconds=time.perf_counter() - start, corpus_peak=rss())
+    after = status()
+    out.update(corpus_seconds=time.perf_counter() - start, corpus_peak=rss(), corpus_anon=after["RssAnon"],
+               corpus_mapped=after["RssFile"])
 print(json.dumps(out))
 """
 
@@ -122,7 +124,8 @@ def show(name: str, mb: int, fig: dict) -> None:
         line = (f"  {mb:>4} MB  {name:<18} {when}: {f['seconds']:6.2f} s   peak RSS {f['peak']:6.0f} MiB   "
                 f"growth {f['peak'] - f['base']:6.0f} MiB   after: anon {f['RssAnon']:5.0f} / mapped {f['RssFile']:5.0f} MiB")
         if "corpus_peak" in f:
-            line += f"   + Corpus {f['corpus_seconds']:5.2f} s, peak {f['corpus_peak']:6.0f} MiB"
+            line += (f"\n{'':>36}+ Corpus: {f['corpus_seconds']:5.2f} s   peak RSS {f['corpus_peak']:6.0f} MiB   "
+                     f"after: anon {f['corpus_anon']:5.0f} / mapped {f['corpus_mapped']:5.0f} MiB")
         print(line, flush=True)
 
 

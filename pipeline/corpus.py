@@ -266,10 +266,11 @@ def _occurrence(digests: np.ndarray) -> np.ndarray:
     n = len(digests)
     keys = np.ascontiguousarray(digests[:, :8]).view("<u8").ravel()
     order = np.argsort(keys, kind="stable")  # rows of one text together, in row order
-    starts = np.flatnonzero(np.r_[True, keys[order][1:] != keys[order][:-1]]) if n else np.zeros(0, np.int64)
+    ranked, grouped = keys[order], digests[order]
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]]) if n else np.zeros(0, np.int64)
     same = np.ones(n, bool)
     same[starts] = False  # rows that should repeat the row before them in `order`
-    if (digests[order][same] != digests[order][np.flatnonzero(same) - 1]).any():
+    if (grouped[same] != grouped[np.flatnonzero(same) - 1]).any():
         full = np.ascontiguousarray(digests).view([("a", "<u8"), ("b", "<u8"), ("c", "<u4")]).ravel()
         order = np.argsort(full, kind="stable")
         starts = np.flatnonzero(np.r_[True, full[order][1:] != full[order][:-1]])
