@@ -225,13 +225,21 @@ class LoadedModel:
     def _probe(self) -> tuple[bool, int, int]:
         """Causal or not, layers and heads, read off one tiny forward pass: a causal model puts
         exactly zero weight above the diagonal, a bidirectional one never does."""
-        seen = []
+        seen, kinds = [], set()
+
+        def sink(inputs: capture.LayerInputs) -> None:
+            kinds.add((inputs.site.stack, inputs.site.kind))
+            if inputs.site.kind == "self":
+                seen.append(inputs.probs)
+
         ids = torch.tensor([[self.pad_id or 0] * 3], device=self.device)
-        with capture.capturing(lambda layer, probs: seen.append(probs), backend=self.capture_backend,
-                               model=self.model):
+        with capture.capture_layers(sink, backend=self.capture_backend, model=self.model):
             self.forward(ids, torch.ones_like(ids))
         if not seen:
             raise ModelError(self.nothing_captured())
+        # Kinds of attention one text reaches (encoder self, decoder self, ...): more than one needs
+        # a folder per kind, or layer N of each would share its files' names.
+        self.site_kinds = frozenset(kinds)
         causal = all(bool((p.triu(1) == 0).all()) for p in seen)
         return causal, len(seen), seen[0].shape[1]
 

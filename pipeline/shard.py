@@ -246,7 +246,8 @@ def run_shard(job: JobSpec, spec: ShardSpec, rt: Runtime, out: Location | Path |
     try:
         with ShardWriter(staging_root, spec.index, attempt, rt.provenance, weight_dtype=job.run.weight_dtype,
                          buffer_bytes=job.run.buffer_mb << 20,
-                         site_folders=job.corpus.target_column is not None) as writer:
+                         site_folders=job.corpus.target_column is not None
+                         or len(getattr(rt.model, "site_kinds", ())) > 1) as writer:
             writer.recipes = {i: (r["name"], recipe_params(r)) for i, r in enumerate(job.recipes)}
             writer.doc_ids = docs.doc_ids
             counts = _write_documents(writer, rt, docs, progress)

@@ -410,8 +410,6 @@ def test_python_run_of_a_factory_job(tmp_path):
     assert ds.provenance["attention_backend"] == "attnpipe(modules)"
 
 
-@pytest.mark.xfail(strict=True, reason="shard.py turns site folders on only with corpus.target_column, so "
-                   "encoder and decoder self-attention of one layer index share a file name (issue 13, section 1)")
 def test_transformer_through_run(tmp_path):
     """nn.Transformer over one text: both stacks' self-attention stored; its cross-attention needs
     a target text, which a factory model is not given."""
