@@ -31,7 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from . import capture
 from .capture import modules
 from .errors import ModelError
-from .model import DTYPES, LoadedModel, _check_tokenizer, _versions, pick_device
+from .model import DTYPES, LoadedModel, _check_tokenizer, pick_device
 
 MAX_WINDOW = 4096  # as for transformers models without a declared maximum
 
@@ -54,10 +54,7 @@ class ModuleModel(LoadedModel):
         if not self.sites:
             raise ModelError(self.uncaptured("it has no nn.MultiheadAttention or nn.TransformerEncoderLayer, "
                                              "and the job names no [[model.attention_modules]]"))
-        self.causal, self.num_layers, self.num_heads = self._probe()
-        self.provenance.update(model=self.name, dtype=self.dtype, attention_backend=self.backend_name,
-                               causal=self.causal, num_layers=self.num_layers, num_heads=self.num_heads,
-                               tokenizer=type(self.tokenizer).__name__, versions=_versions())
+        self._describe()
 
     @property
     def backend_name(self) -> str:

@@ -192,6 +192,10 @@ class LoadedModel:
         if getattr(self.model.config, "use_cache", None):
             self.model.config.use_cache = False
         self.encoder = self.model.get_encoder() if self.model.config.is_encoder_decoder else self.model
+        self._describe()
+
+    def _describe(self) -> None:
+        """Shape and causality from one probe pass, and the provenance that records them."""
         self.causal, self.num_layers, self.num_heads = self._probe()
         self.provenance.update(model=self.name, dtype=self.dtype, attention_backend=self.backend_name,
                                causal=self.causal, num_layers=self.num_layers, num_heads=self.num_heads,
