@@ -121,7 +121,8 @@ def _open_entry(folder: Path, key: str) -> Opened | None:
         table = _map(path)
     except (OSError, ValueError, pa.ArrowException):
         return None
-    if meta.get("version") != READER_VERSION or meta.get("rows") != table.num_rows:
+    if meta.get("version") != READER_VERSION or meta.get("rows") != table.num_rows \
+            or meta.get("bytes") != path.stat().st_size:  # truncated or replaced (bit flips go unseen)
         return None
     return Opened(table, meta["columns"], path, key)
 
@@ -154,8 +155,10 @@ def _build(folder: Path, key: str, build: Build, publish: bool) -> Opened:
         if not publish:
             return Opened(_map(part), columns, None, key)
         final = folder / f"{key}.arrow"
+        size = part.stat().st_size
         os.replace(part, final)
-        _write_json(folder / f"{key}.json", {"columns": columns, "rows": rows, "version": READER_VERSION})
+        _write_json(folder / f"{key}.json", {"columns": columns, "rows": rows, "bytes": size,
+                                             "version": READER_VERSION})
         return Opened(_map(final), columns, final, key)
     finally:
         sink.abort()

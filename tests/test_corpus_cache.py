@@ -142,9 +142,12 @@ def test_a_damaged_or_incomplete_entry_is_rebuilt(tmp_path, cache, reads, settle
     (arrow,) = cache.glob("*.arrow")
     arrow.write_bytes(arrow.read_bytes()[:200])  # truncated
     assert _open(tmp_path, path="c.jsonl")["text"] == [r["text"] for r in ROWS]
+    with open(arrow, "ab") as f:  # a file that is not the one recorded
+        f.write(b"\0" * 8)
+    assert _open(tmp_path, path="c.jsonl")["text"] == [r["text"] for r in ROWS]
     arrow.with_suffix(".json").unlink()  # renamed into place, but its record never written
     assert _open(tmp_path, path="c.jsonl")["text"] == [r["text"] for r in ROWS]
-    assert len(reads) == 3
+    assert len(reads) == 4
 
 
 def test_an_error_while_reading_leaves_no_file(tmp_path, cache, settled):
