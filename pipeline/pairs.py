@@ -22,6 +22,7 @@ import torch
 
 from .errors import CorpusError, JobError, ModelError
 from .windows import Target, Window
+from .wordpieces import has_word_ids, window_words
 
 CHUNK = 512  # pairs tokenized together
 
@@ -90,18 +91,22 @@ def decoder_inputs(model: torch.nn.Module, labels: list[list[int]]) -> list[list
     return [shifted[row, : len(ids)].tolist() for row, ids in enumerate(labels)]
 
 
-def _target(decoder: list[int], labels: list[int], offsets: list, special: list, special_ids: set) -> Target:
-    """Position t reads label t-1 (shifted right): its span; the start token (and any token the
-    model's shift put elsewhere) has none."""
-    spans, flags = [], []
+def _target(decoder: list[int], labels: list[int], offsets: list, special: list, special_ids: set,
+            tok=None, word_ids: list | None = None) -> Target:
+    """Position t reads label t-1 (shifted right): its span (and word); the start token (and any
+    token the model's shift put elsewhere) has none, and is a word of its own."""
+    spans, flags, wids = [], [], []
     for t, token in enumerate(decoder):
         if t > 0 and labels[t - 1] == token:
             spans.append(tuple(offsets[t - 1]))
             flags.append(bool(special[t - 1]))
+            wids.append(None if word_ids is None else word_ids[t - 1])
         else:
             spans.append((0, 0))
             flags.append(token in special_ids or t == 0)
-    return Target(decoder, spans, flags)
+            wids.append(None)
+    words = None if tok is None else window_words(tok, None if word_ids is None else wids, decoder, spans, flags)
+    return Target(decoder, spans, flags, words)
 
 
 def _too_long(name: str, side: str, n: int, window: int, lm) -> CorpusError:
@@ -130,9 +135,13 @@ def tokenize_pairs(lm, sources: list[str], targets: list[str], window: int, name
                                   "to read; give it a target text")
         decoder = decoder_inputs(lm.model, tgt["input_ids"])
         special_ids = set(tok.all_special_ids)
+        by_ids = has_word_ids(tok)
         for row, i in enumerate(idx):
             target = _target(decoder[row], tgt["input_ids"][row], tgt["offset_mapping"][row],
-                             tgt["special_tokens_mask"][row], special_ids)
-            out.append(Window(i, 0, src["input_ids"][row], [tuple(o) for o in src["offset_mapping"][row]],
-                              [bool(s) for s in src["special_tokens_mask"][row]], target))
+                             tgt["special_tokens_mask"][row], special_ids, tok,
+                             tgt.word_ids(row) if by_ids else None)
+            offsets = [tuple(o) for o in src["offset_mapping"][row]]
+            special = [bool(s) for s in src["special_tokens_mask"][row]]
+            words = window_words(tok, src.word_ids(row) if by_ids else None, src["input_ids"][row], offsets, special)
+            out.append(Window(i, 0, src["input_ids"][row], offsets, special, target, words))
     return out

@@ -11,6 +11,7 @@ import torch
 from .capture import LayerInputs, SiteKey, capture_layers
 from .model import LoadedModel
 from .recipes import RECIPES, BatchMasks, LayerAttention
+from .recipes.attention import WordPooling
 from .recipes.fused import FusedAttention
 from .windows import Target, Window, collate
 
@@ -31,8 +32,9 @@ class Output:
 
 
 def batch_masks(lm: LoadedModel, windows: list[Window] | list[Target], ids: torch.Tensor,
-                causal: bool | None = None) -> BatchMasks:
-    """The masks of a batch of windows (or of their targets, with causal=True), ids (batch, pos)."""
+                causal: bool | None = None, words: bool = False) -> BatchMasks:
+    """The masks of a batch of windows (or of their targets, with causal=True), ids (batch, pos);
+    with `words`, also the windows' words (for recipes at level "word")."""
     lengths = torch.tensor([len(w) for w in windows], device=ids.device)
     valid = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]
     special = torch.zeros_like(valid)
@@ -40,7 +42,28 @@ def batch_masks(lm: LoadedModel, windows: list[Window] | list[Target], ids: torc
         special[row, : len(w)] = torch.tensor(w.special, device=ids.device)
     sep = torch.isin(ids, torch.tensor(sorted(lm.sep_ids), device=ids.device, dtype=ids.dtype)) & valid
     punct = lm.punct_table.to(ids.device)[ids] & valid
-    return BatchMasks(lengths, special, sep, punct, lm.causal if causal is None else causal)
+    masks = BatchMasks(lengths, special, sep, punct, lm.causal if causal is None else causal)
+    if words:
+        masks.words = word_pooling(windows, masks)
+    return masks
+
+
+def word_pooling(windows: list[Window] | list[Target], masks: BatchMasks) -> WordPooling:
+    """The batch's words: the (batch, word, pos) membership matrix, and word-level masks whose
+    flags hold for a word when they hold for all its pieces."""
+    device = masks.lengths.device
+    counts = [max(w.words) + 1 if len(w) else 0 for w in windows]
+    total = torch.zeros(len(windows), max(counts), masks.size, device=device)
+    for row, w in enumerate(windows):
+        total[row, torch.tensor(w.words, device=device), torch.arange(len(w), device=device)] = 1.0
+    pieces = total.sum(-1)  # (batch, word)
+
+    def every_piece(flags: torch.Tensor) -> torch.Tensor:  # (batch, pos) -> (batch, word)
+        return ((total @ flags.float()[:, :, None])[..., 0] == pieces) & (pieces > 0)
+
+    word_masks = BatchMasks(torch.tensor(counts, device=device), every_piece(masks.special),
+                            every_piece(masks.sep), every_piece(masks.punct), masks.causal)
+    return WordPooling(total, word_masks)
 
 
 @dataclass
@@ -72,13 +95,16 @@ def apply_recipes(att: LayerAttention, recipes: list[dict], carry: dict[int, tor
     out = []
     for i, spec in enumerate(recipes):
         recipe = RECIPES[spec["name"]]
-        params = {k: v for k, v in spec.items() if k != "name"}
+        params = {k: v for k, v in spec.items() if k not in ("name", "level")}
+        # Word level: the torch recipe on the layer's word-pooled maps (formed once per layer).
+        words = spec.get("level") == "word"
+        on = att.words if words else att
         if recipe.stateful:
             if att.masks.cross:
                 continue
-            cols, carry[i] = recipe.fn(att, carry.get(i), **params)
+            cols, carry[i] = recipe.fn(on, carry.get(i), **params)
         else:
-            cols = (FUSED[recipe.name] if fused and recipe.name in FUSED else recipe.fn)(att, **params)
+            cols = (FUSED[recipe.name] if fused and not words and recipe.name in FUSED else recipe.fn)(on, **params)
         out.append((i, cols))
     return out
 
@@ -131,12 +157,13 @@ def reduce_batch_async(lm: LoadedModel, windows: list[Window], recipes: list[dic
     cross-attention when the windows carry targets) through every recipe."""
     ids, attention_mask = (t.to(lm.device) for t in collate(windows, lm.pad_id))
     decoder: dict[str, torch.Tensor] = {}
-    masks = SiteMasks(batch_masks(lm, windows, ids))
+    words = any(r.get("level") == "word" for r in recipes)
+    masks = SiteMasks(batch_masks(lm, windows, ids, words=words))
     if windows[0].target is not None:  # source/target pairs: the decoder runs teacher-forced
         targets = [w.target for w in windows]
         dec_ids, dec_mask = (t.to(lm.device) for t in collate(targets, lm.pad_id))
         decoder = {"decoder_input_ids": dec_ids, "decoder_attention_mask": dec_mask}
-        masks = SiteMasks(masks.source, batch_masks(lm, targets, dec_ids, causal=True))
+        masks = SiteMasks(masks.source, batch_masks(lm, targets, dec_ids, causal=True, words=words))
     pending: list[tuple[int, SiteKey, dict[str, torch.Tensor]]] = []
     size = max(ids.shape[1], decoder["decoder_input_ids"].shape[1] if decoder else 0)
     slices = window_slices(lm, len(windows), size)

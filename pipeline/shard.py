@@ -40,6 +40,7 @@ from .store.plan import ShardSpec
 from .store.writer import FileInfo, ShardWriter
 from .pairs import tokenize_pairs
 from .windows import Window, make_batches, tokenize
+from .wordpieces import word_spans
 
 log = logging.getLogger("attnpipe")
 
@@ -124,7 +125,7 @@ def document_columns(docs: ShardDocs, part: slice, windows: list[Window], texts:
 
 def token_columns(doc_ids: list[str], windows: list[Window], tokenizer) -> dict:
     cols: dict[str, list] = {k: [] for k in ("doc_id", "window_index", "side", "position", "token_id", "token",
-                                             "char_start", "char_end", "special")}
+                                             "char_start", "char_end", "special", "word_index")}
     for w in windows:
         n = len(w)
         cols["doc_id"] += [doc_ids[w.doc_index]] * n
@@ -136,6 +137,7 @@ def token_columns(doc_ids: list[str], windows: list[Window], tokenizer) -> dict:
         cols["char_start"] += [s for s, _ in w.offsets]
         cols["char_end"] += [e for _, e in w.offsets]
         cols["special"] += w.special
+        cols["word_index"] += w.words
         if w.target is not None:
             _target_tokens(cols, doc_ids[w.doc_index], w.target, tokenizer)
     return cols
@@ -153,6 +155,32 @@ def _target_tokens(cols: dict, doc_id: str, target, tokenizer) -> None:
     cols["char_start"] += [s for s, _ in target.offsets]
     cols["char_end"] += [e for _, e in target.offsets]
     cols["special"] += target.special
+    cols["word_index"] += target.words
+
+
+def word_columns(doc_ids: list[str], windows: list[Window], texts: list[str],
+                 targets: list[str] | None) -> dict:
+    """The `words` table: each window's (and target's) words, their text and spans."""
+    cols: dict[str, list] = {k: [] for k in ("doc_id", "window_index", "side", "word_index", "text", "char_start",
+                                             "char_end", "first_position", "last_position", "special")}
+    for w in windows:
+        sides = [("source", w, texts[w.doc_index])]
+        if w.target is not None:
+            sides.append(("target", w.target, targets[w.doc_index]))
+        for side, seq, text in sides:
+            spans = word_spans(seq.words, seq.offsets)
+            cols["doc_id"] += [doc_ids[w.doc_index]] * len(spans)
+            cols["window_index"] += [w.window] * len(spans)
+            cols["side"] += [side] * len(spans)
+            cols["word_index"] += range(len(spans))
+            for start, end, first, last in spans:
+                cols["text"].append(text[start:end])
+                cols["char_start"].append(start)
+                cols["char_end"].append(end)
+                cols["first_position"].append(first)
+                cols["last_position"].append(last)
+                cols["special"].append(all(seq.special[first:last + 1]))
+    return cols
 
 
 def output_columns(out: Output, doc_index: np.ndarray, window_ids: np.ndarray) -> dict:
@@ -324,6 +352,8 @@ def _tokenize_chunk(writer: ShardWriter, background: BackgroundWriter, rt: Runti
     background.put(lambda: writer.write_batch("documents", doc_cols, extra=rt.corpus.metadata_schema()))
     token_cols = token_columns(docs.doc_ids[part], windows, tok)
     background.put(lambda: writer.write_batch("tokens", token_cols))
+    word_cols = word_columns(docs.doc_ids[part], windows, texts, targets)
+    background.put(lambda: writer.write_batch("words", word_cols))
     counts["tokens"] += len(token_cols["position"])  # both sides of pairs: the tokens table's rows
     counts["windows"] += len(windows)
     return windows

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .wordpieces import has_word_ids, window_words
+
 
 @dataclass
 class Target:
@@ -20,6 +22,7 @@ class Target:
     input_ids: list[int]
     offsets: list[tuple[int, int]]  # (0, 0) for the decoder start token
     special: list[bool]
+    words: list[int] | None = None  # word index of each token (pipeline/wordpieces.py)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -33,6 +36,7 @@ class Window:
     offsets: list[tuple[int, int]]  # character span of each token in the document text
     special: list[bool]
     target: Target | None = None  # encoder-decoder pairs: the decoder's input
+    words: list[int] | None = None  # word index of each token (pipeline/wordpieces.py)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -54,12 +58,15 @@ def tokenize(tokenizer, texts: list[str], max_length: int, stride: int,
                         return_overflowing_tokens=True, return_offsets_mapping=True,
                         return_special_tokens_mask=True, padding=False)
         previous, counter = None, 0
+        by_ids = has_word_ids(tokenizer)
         for row, sample in enumerate(enc["overflow_to_sample_mapping"]):
             counter = counter + 1 if sample == previous else 0
             previous = sample
-            windows.append(Window(idx[sample], counter, enc["input_ids"][row],
-                                  [tuple(o) for o in enc["offset_mapping"][row]],
-                                  [bool(s) for s in enc["special_tokens_mask"][row]]))
+            offsets = [tuple(o) for o in enc["offset_mapping"][row]]
+            special = [bool(s) for s in enc["special_tokens_mask"][row]]
+            words = window_words(tokenizer, enc.word_ids(row) if by_ids else None, enc["input_ids"][row],
+                                 offsets, special)
+            windows.append(Window(idx[sample], counter, enc["input_ids"][row], offsets, special, words=words))
     return windows
 
 

@@ -4,9 +4,9 @@
   when the dense recipe stored it, else from `edges` as a sparse view (NaN = not stored: below
   the recipe's top-k, threshold or top-p cut).
 - `rollout_matrix`: what one query token attends to after rollout, layer by layer.
-- `crop` and `merge_words`: keep long documents readable. Words come from the tokens'
-  character offsets: pieces whose offsets touch form one word (punctuation at a word's edge
-  stays on its own); merged weights are the sum over the attended word's pieces and the mean
+- `crop` and `merge_words`: keep long documents readable. Words are the tokens' `word_index`
+  (pipeline/wordpieces.py; older data: the same rule on character offsets, pieces whose offsets
+  touch form one word, punctuation at a word's edge on its own); merged weights are the sum over the attended word's pieces and the mean
   over the attending word's pieces, so each row still sums to what its tokens' rows summed to.
 """
 
@@ -18,8 +18,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..errors import ReadError
-
-_MARKERS = ("##", "Ġ", "▁", "Ċ")  # WordPiece continuation, byte-level BPE and SentencePiece spaces
+from ..wordpieces import clean_token, offset_words  # clean_token: also used by report.py
 
 
 @dataclass(frozen=True)
@@ -39,41 +38,23 @@ class Matrix:
         return bool(np.isnan(self.weights).any())
 
 
-def clean_token(token: str) -> str:
-    for marker in _MARKERS:
-        if token.startswith(marker) and len(token) > len(marker):
-            return token[len(marker):]
-    return token
-
-
-def _is_punct(token: str) -> bool:
-    text = clean_token(token)
-    return bool(text) and not any(ch.isalnum() for ch in text)
-
-
 def word_groups(tokens) -> list[list[int]]:
-    """Positions grouped into words (a tokens DataFrame of one window, in position order).
+    """Positions grouped into words (a tokens DataFrame of one window, in position order): by its
+    `word_index` column where the data has one (schema v3: the words of word-level recipes and
+    of the `words` table), else by the same rule from character offsets (pipeline/wordpieces.py).
     Special tokens are words of their own; so is punctuation at a word's start or end, while
     punctuation inside a word (don't, well-known, 3.5) stays in it."""
-    toks = tokens["token"].tolist()
-    start, end, special = tokens["char_start"].tolist(), tokens["char_end"].tolist(), tokens["special"].tolist()
-    n = len(toks)
-
-    def touches(i: int) -> bool:  # token i continues token i - 1 with no gap in the text
-        return (i > 0 and not special[i] and not special[i - 1] and start[i] == end[i - 1]
-                and end[i] > start[i])
-
+    if "word_index" in tokens and not tokens["word_index"].isna().any():
+        words = tokens["word_index"].astype(int).tolist()
+    else:
+        words = offset_words(tokens["token"].tolist(), tokens["char_start"].tolist(),
+                             tokens["char_end"].tolist(), tokens["special"].tolist())
     groups: list[list[int]] = []
-    for i in range(n):
-        joined = touches(i)
-        if joined and _is_punct(toks[i]):  # punctuation joins only if a letter/digit piece follows
-            joined = i + 1 < n and touches(i + 1) and not _is_punct(toks[i + 1])
-        elif joined and _is_punct(toks[i - 1]):
-            joined = len(groups[-1]) > 1  # after inner punctuation (don't), not leading punctuation
-        if joined and groups:
-            groups[-1].append(i)
+    for pos, w in enumerate(words):
+        if groups and w == words[groups[-1][0]]:
+            groups[-1].append(pos)
         else:
-            groups.append([i])
+            groups.append([pos])
     return groups
 
 

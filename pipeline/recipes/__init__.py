@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -31,6 +31,12 @@ def __getattr__(name: str) -> Any:
 
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+    # Every recipe can run on words (pipeline/recipes/words.py). Only "word" is written into the
+    # recipe's parameters (validate_recipe drops the default), so token-level recipe ids, labels
+    # and job fingerprints stay what they were before the parameter existed.
+    level: Literal["token", "word"] = Field(
+        default="token", description="token: rows index tokens; word: attention pooled onto words "
+        "(to a word: sum over its pieces; from a word: mean over its pieces), rows index words")
 
 
 class NoParams(_Params):
@@ -114,7 +120,10 @@ def validate_recipe(spec: dict[str, Any], where: str) -> dict[str, Any]:
             valid = ", ".join(model.model_fields) or "(none)"
             raise RecipeError(f"{where} ({name}): unknown parameter {key!r}; valid: {valid}") from None
         raise RecipeError(f"{where} ({name}): {key!r}: {err['msg']} (got {err.get('input')!r})") from None
-    return {"name": name, **checked.model_dump()}
+    params = checked.model_dump()
+    if params["level"] == "token":
+        del params["level"]
+    return {"name": name, **params}
 
 
 def recipe_params(spec: dict[str, Any]) -> str:

@@ -7,7 +7,7 @@ recipe's name and parameters.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
@@ -29,11 +29,23 @@ class BatchMasks:
     punct: torch.Tensor  # (batch, pos) bool: tokens made only of punctuation
     causal: bool
     keys: "BatchMasks | None" = None  # cross-attention: the key side; None: the keys are the queries
+    words: "WordPooling | None" = None  # the windows' words, when a recipe runs at level "word"
 
     def rows(self, lo: int, hi: int) -> "BatchMasks":
         """The masks of windows lo..hi."""
         return BatchMasks(self.lengths[lo:hi], self.special[lo:hi], self.sep[lo:hi], self.punct[lo:hi],
-                          self.causal, None if self.keys is None else self.keys.rows(lo, hi))
+                          self.causal, None if self.keys is None else self.keys.rows(lo, hi),
+                          None if self.words is None else self.words.rows(lo, hi))
+
+    @cached_property
+    def word_level(self) -> "BatchMasks":
+        """The same facts about words: their counts, which words are special, separators or
+        punctuation (all their pieces are), the causal mask on word indices (a query word sees
+        key words up to itself); cross-attention: target words over source words."""
+        if self.words is None or (self.keys is not None and self.keys.words is None):
+            raise ValueError("word-level masks need the batch's words (batch_masks(..., words=True))")
+        masks = self.words.masks
+        return masks if self.keys is None else replace(masks, causal=False, keys=self.keys.words.masks)
 
     @property
     def cross(self) -> bool:
@@ -67,6 +79,22 @@ class BatchMasks:
             valid = valid & torch.ones(self.size, self.size, dtype=torch.bool,
                                        device=valid.device).tril()
         return valid
+
+
+@dataclass
+class WordPooling:
+    """Which word each token of a batch belongs to, as a (batch, word, pos) 0/1 matrix `total`
+    (padding positions belong to no word), and the word-level masks."""
+
+    total: torch.Tensor  # (batch, word, pos) float32
+    masks: BatchMasks  # word-level: lengths are word counts, flags per word
+
+    def rows(self, lo: int, hi: int) -> "WordPooling":
+        return WordPooling(self.total[lo:hi], self.masks.rows(lo, hi))
+
+    @cached_property
+    def average(self) -> torch.Tensor:  # (batch, word, pos): each word's row averages its pieces
+        return self.total / self.total.sum(-1, keepdim=True).clamp_min(1.0)
 
 
 class LayerAttention:
@@ -105,6 +133,18 @@ class LayerAttention:
 
     def select(self, per_head: bool) -> torch.Tensor:
         return self.clean if per_head else self.head_mean
+
+    @cached_property
+    def words(self) -> "LayerAttention":
+        """This layer's attention between words (Clark et al. 2019): attention to a word is the
+        sum over its pieces, attention from a word the mean over its pieces, so every real word's
+        row still sums to one. P_word = A_q @ P @ S_k^T per window and head, with A_q averaging
+        the query side's pieces and S_k summing the key side's; masks are `masks.word_level`."""
+        m = self.masks
+        word_masks = m.word_level  # raises when the batch has no words
+        total = m.key_side.words.total.transpose(1, 2)[:, None]  # (batch, 1, key_pos, key word)
+        pooled = (m.words.average[:, None] @ self.clean) @ total  # (batch, head, query word, key word)
+        return LayerAttention(pooled, self.layer, word_masks)
 
 
 def edge_columns(keep: torch.Tensor, key_pos: torch.Tensor, weight: torch.Tensor,

@@ -89,16 +89,19 @@ def version_dir(out: Path, version: int) -> Path:
 def recipe_label(name: str, params: dict) -> str:
     """A short, stable label for a recipe and its parameters, usable unquoted in SQL: the name,
     then each parameter as key and value in key order (a decimal point becomes `p`, `max_tokens`
-    is `max`), and `_mean` for a recipe on the head mean: topk_k8_mean, threshold_t0p05,
-    topp_p0p9_mean, rollout_k8, dense_max64, head_stats. One label per recipe id."""
+    is `max`), `_mean` for a recipe on the head mean and `_word` for one on words: topk_k8_mean,
+    threshold_t0p05, topp_p0p9_mean, rollout_k8, dense_max64, head_stats, topk_k8_mean_word,
+    head_stats_word. One label per recipe id."""
     parts = [name]
     for key, value in sorted(params.items()):
-        if key == "per_head":
+        if key in ("per_head", "level"):
             continue
         short = "max" if key == "max_tokens" else key
         text = format(value, "g") if isinstance(value, float) else str(value)
         parts.append(short + text.replace(".", "p").replace("-", "m").replace("+", ""))
     if params.get("per_head") is False:
         parts.append("mean")
+    if params.get("level", "token") != "token":
+        parts.append(params["level"])
     return "_".join(parts)
 
