@@ -291,13 +291,16 @@ class ShardDocs:
     text_sha1: list[str]
     occurrence: np.ndarray  # (docs,) 1 = first document with this text
     chars: np.ndarray  # (docs,) characters of each text
+    target_sha1: list[str] | None = None  # of each target text, in encoder-decoder pair runs
 
     @property
     def fingerprint(self) -> str:
-        """What this shard's output depends on in the corpus: its documents and their texts."""
+        """What this shard's output depends on in the corpus: its documents and their texts
+        (and target texts: a pair whose target alone changed is a changed document)."""
         digest = hashlib.sha256()
-        for doc_id, sha in zip(self.doc_ids, self.text_sha1):
-            digest.update(f"{doc_id}\t{sha}\n".encode())
+        for i, (doc_id, sha) in enumerate(zip(self.doc_ids, self.text_sha1)):
+            target = f"\t{self.target_sha1[i]}" if self.target_sha1 is not None else ""
+            digest.update(f"{doc_id}\t{sha}{target}\n".encode())
         return digest.hexdigest()[:32]
 
 
@@ -380,7 +383,9 @@ class Corpus:
         ids = self.ids(rows)
         order = np.argsort(np.array(ids, dtype=object), kind="stable")
         rows = rows[order]
-        return ShardDocs(index, rows, [ids[i] for i in order], self.sha1(rows), self.occurrence[rows], self.chars[rows])
+        targets = self.targets(rows)
+        return ShardDocs(index, rows, [ids[i] for i in order], self.sha1(rows), self.occurrence[rows], self.chars[rows],
+                         None if targets is None else [text_sha1(t) for t in targets])
 
     def texts(self, rows: np.ndarray) -> list[str]:
         return [_as_text(v) for v in self.table.column(self.spec.text_column).take(pa.array(rows)).to_pylist()]

@@ -258,6 +258,18 @@ def test_bad_target_columns(tmp_path, tiny_model_dir, extra, says):
     assert len(result.output.strip().splitlines()) == 1
 
 
+def test_a_changed_target_text_is_a_changed_document_on_rerun(tmp_path, tiny_model_dir):
+    first, out = run_pairs(tmp_path, tiny_model_dir("bart"))
+    assert first.exit_code == 0, first.output
+    rows = list(zip(SOURCES, TARGETS))
+    rows[0] = (rows[0][0], rows[0][1] + " Edited.")
+    pairs_csv(tmp_path, rows)  # the same sources, one target edited in place
+    from conftest import invoke
+
+    again = invoke("run", tmp_path / "job.toml")
+    assert again.exit_code == 1 and "corpus changed" in again.output and "--new-run" in again.output
+
+
 def test_encoder_decoder_without_target_keeps_the_encoder_only_run(tmp_path, tiny_model_dir):
     from attnpipe.read import open_dataset
 
