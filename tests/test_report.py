@@ -56,13 +56,14 @@ def test_head_view_data_is_the_stored_attention(report, data):
     assert [d["doc_id"] for d in docs] == ["d-anim", "d-rain"]
     doc = docs[0]
     assert doc["layers"] == [0, 1] and doc["heads"] == ["-1", "0", "1", "2", "3", "rollout"]
-    view = doc["views"]["1|2"]
+    assert doc["sites"] == [""] and doc["target_tokens"] == []  # one sequence: no choice of attention
+    view = doc["views"]["|1|2"]
     assert view["source"].startswith("maps")
     maps = open_dataset(data["dense"]).to_pandas("maps", {"doc_id": "d-anim", "layer": 1, "head": 2})
     row = dict(zip(maps["query_pos"], maps["weights"]))
     for q, k, w in zip(view["q"], view["k"], view["w"]):
         assert abs(row[q][k] - w) < 1e-4
-    assert doc["views"]["1|-1"]["source"].startswith("edges")  # no dense map of the head mean
+    assert doc["views"]["|1|-1"]["source"].startswith("edges")  # no dense map of the head mean
 
 
 def test_report_on_a_dataset_without_maps_or_head_stats(data, tmp_path):
@@ -195,3 +196,53 @@ def test_notebook_view_renders_inside_its_sandboxed_iframe(browser, dense, tmp_p
         assert _errors(browser) == []
     finally:
         browser.switch_to.default_content()
+
+
+@pytest.fixture(scope="module")
+def pair_report(tmp_path_factory, tiny_model_dir) -> Path:
+    """The report of an encoder-decoder pair run (tiny BART): three attentions per layer."""
+    import csv
+
+    from conftest import invoke, write_job
+
+    tmp = tmp_path_factory.mktemp("pair-report")
+    corpus = tmp / "pairs.csv"
+    with corpus.open("w", newline="") as f:
+        csv.writer(f).writerows([["text", "summary"], ["The animal was too tired to cross.", "It was tired."],
+                                 ["Rain fell all night on the road.", "Rain all night."]])
+    recipes = '[[recipes]]\nname = "dense"\n[[recipes]]\nname = "rollout"\nk = 3\n'
+    job = write_job(tmp, corpus, tiny_model_dir("bart"), recipes=recipes, extra='target_column = "summary"',
+                    device="cpu")
+    assert invoke("run", job).exit_code == 0
+    out = tmp / "report.html"
+    assert invoke("report", tmp / "out", "-o", out).exit_code == 0
+    return out
+
+
+def test_pair_head_view_data_has_every_attention(pair_report):
+    payload = re.search(r'<script type="application/json" id="hv-data">(.*?)</script>', pair_report.read_text(),
+                        re.S).group(1)
+    doc = json.loads(payload)["docs"][0]
+    assert doc["sites"] == ["encoder-self", "decoder-self", "decoder-cross"]
+    cross = doc["views"]["decoder-cross|0|1"]
+    assert max(cross["q"]) < len(doc["target_tokens"]) and max(cross["k"]) < len(doc["tokens"])
+    assert max(cross["k"]) >= len(doc["target_tokens"])  # keys reach past the shorter target: source side
+    assert "decoder-cross|0|rollout" not in doc["views"]  # no rollout through cross-attention
+
+
+def test_pair_head_view_draws_target_against_source(browser, pair_report):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    browser.get(pair_report.as_uri())
+    browser.execute_script("arguments[0].scrollIntoView()", browser.find_element(By.ID, "head-view"))
+    assert browser.find_element(By.ID, "hv-site-label").is_displayed()
+    Select(browser.find_element(By.ID, "hv-site")).select_by_value("decoder-cross")
+    queries = browser.find_elements(By.CSS_SELECTOR, "#hv-svg text.tok.q")
+    keys = browser.find_elements(By.CSS_SELECTOR, "#hv-svg text.tok.k")
+    assert len(keys) > len(queries) > 1  # target tokens on the left, the longer source on the right
+    ActionChains(browser).move_to_element(queries[1]).perform()
+    info = browser.find_element(By.ID, "hv-info").text
+    assert f"'{queries[1].text}' (position 1) attends to: " in info
+    assert _errors(browser) == []

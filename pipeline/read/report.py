@@ -20,7 +20,7 @@ import numpy as np
 from .. import __version__
 from ..errors import ReadError
 from . import heads as heads_mod
-from .matrices import attention_matrix, clean_token, head_name
+from .matrices import SITES, attention_matrix, clean_token, head_name, parse_site, sides
 
 ASSETS = Path(__file__).parent / "assets"
 GRID_STATS = ("entropy_norm", "first_mass", "sep_mass", "prev_mass", "next_mass", "mean_distance")
@@ -52,17 +52,37 @@ def choose_documents(ds, wanted: list[str] | None, count: int) -> list[str]:
     return chosen or known["doc_id"].head(count).tolist()
 
 
-def _views(ds, doc_id: str, n: int) -> tuple[dict, list, list]:
-    """Every (layer, head) of a document's window 0 as edge lists {q, k, w, source}: dense maps
-    where stored, else the densest edges recipe, plus rollout as the head 'rollout'."""
+def _views(ds, doc_id: str, counts: dict[str, int]) -> tuple[dict, list, list, list]:
+    """Every (site, layer, head) of a document's window 0 as edge lists {q, k, w, source}: dense
+    maps where stored, else the densest edges recipe, plus rollout as the head 'rollout'. Sites
+    are '' for single-sequence runs; encoder-self, decoder-self and decoder-cross in pair runs.
+    `counts`: the tokens drawn per side."""
     views: dict[str, dict] = {}
     quoted = doc_id.replace("'", "''")
-    where = f"doc_id = '{quoted}' AND window_index = 0 AND query_pos < {n}"
-    if ds.pairs:  # the view draws one sequence: the encoder's self-attention over the source
-        where += " AND stack = 'encoder' AND attention = 'self'"
+    base = f"doc_id = '{quoted}' AND window_index = 0"
+    for site in (SITES if ds.pairs else ("",)):
+        where = base
+        if site:
+            stack, _, attention = site.partition("-")
+            where += f" AND stack = '{stack}' AND attention = '{attention}'"
+        q_side, k_side = sides(ds, parse_site(site) if site else None)
+        where += f" AND query_pos < {counts[q_side]}"
+        for key, part in _site_views(ds, where, counts[k_side]).items():
+            views[f"{site}|{key}"] = part
+    layers = sorted({int(k.split("|")[1]) for k in views})
+    head_keys = {k.split("|")[2] for k in views}
+    numbered = sorted(int(h) for h in head_keys if h != "rollout")
+    heads = [str(h) for h in numbered] + (["rollout"] if "rollout" in head_keys else [])
+    sites = [s for s in (SITES if ds.pairs else ("",)) if any(k.startswith(f"{s}|") for k in views)]
+    return views, layers, heads, sites
+
+
+def _site_views(ds, where: str, keys: int) -> dict[str, dict]:
+    """{"layer|head": edge list} of one site's rows (`where` selects them)."""
+    views: dict[str, dict] = {}
     if "edges" in ds.tables:
         edges = ds.sql(f"SELECT layer, head, query_pos, key_pos, weight, recipe, recipe_params FROM edges "
-                       f"WHERE {where} AND key_pos < {n}")
+                       f"WHERE {where} AND key_pos < {keys}")
         for (layer, head), part in edges.groupby(["layer", "head"]):
             key = part.groupby(["recipe", "recipe_params"]).size().idxmax()
             part = part[(part["recipe"] == key[0]) & (part["recipe_params"] == key[1])]
@@ -72,7 +92,7 @@ def _views(ds, doc_id: str, n: int) -> tuple[dict, list, list]:
         for (layer, head), part in maps.groupby(["layer", "head"]):
             q, k, w = [], [], []
             for qp, row in zip(part["query_pos"], part["weights"]):
-                row = np.asarray(row[:n], dtype=float)
+                row = np.asarray(row[:keys], dtype=float)
                 keep = np.nonzero(row >= 0.005)[0]  # lines under half a percent are invisible anyway
                 q += [int(qp)] * len(keep)
                 k += keep.tolist()
@@ -80,14 +100,10 @@ def _views(ds, doc_id: str, n: int) -> tuple[dict, list, list]:
             views[f"{layer}|{head}"] = {"q": q, "k": k, "w": w, "source": "maps (dense; lines under 0.005 not drawn)"}
     if "rollout" in ds.tables:
         rollout = ds.sql(f"SELECT layer, query_pos, key_pos, weight, recipe, recipe_params FROM rollout "
-                         f"WHERE {where} AND key_pos < {n}")
+                         f"WHERE {where} AND key_pos < {keys}")
         for layer, part in rollout.groupby("layer"):
             views[f"{layer}|rollout"] = _edge_list(part, "rollout up to this layer (top keys per query)")
-    layers = sorted({int(k.split("|")[0]) for k in views})
-    head_keys = {k.split("|")[1] for k in views}
-    numbered = sorted(int(h) for h in head_keys if h != "rollout")
-    heads = [str(h) for h in numbered] + (["rollout"] if "rollout" in head_keys else [])
-    return views, layers, heads
+    return views
 
 
 def _edge_list(part, source: str) -> dict:
@@ -96,15 +112,20 @@ def _edge_list(part, source: str) -> dict:
 
 
 def head_view_data(ds, doc_ids: list[str]) -> dict:
+    """Per document: its tokens per side (window 0, at most MAX_VIEW_TOKENS each), the sites,
+    layers and heads with rows, and the views. A site's query tokens are drawn on the left and
+    its key tokens on the right (cross-attention: target on the left, source on the right)."""
     docs = []
     for doc_id in doc_ids:
         tokens = ds.tokens(doc_id, 0)
-        if "side" in tokens.columns:
-            tokens = tokens[tokens["side"] == "source"]
-        labels = [clean_token(t) for t in tokens["token"]][:MAX_VIEW_TOKENS]
-        views, layers, heads = _views(ds, doc_id, len(labels))
+        by_side = {side: [clean_token(t) for t in part["token"]][:MAX_VIEW_TOKENS]
+                   for side, part in (tokens.groupby("side") if "side" in tokens.columns else [("source", tokens)])}
+        by_side.setdefault("source", [])
+        by_side.setdefault("target", [])
+        views, layers, heads, sites = _views(ds, doc_id, {s: len(t) for s, t in by_side.items()})
         if views:
-            docs.append({"doc_id": doc_id, "window_index": 0, "tokens": labels, "layers": layers,
+            docs.append({"doc_id": doc_id, "window_index": 0, "tokens": by_side["source"],
+                         "target_tokens": by_side["target"], "sites": sites, "layers": layers,
                          "heads": heads, "views": views})
     if not docs:
         raise ReadError(f"{ds.path} has no edges, maps or rollout rows for {', '.join(doc_ids)}: "
@@ -199,6 +220,7 @@ def _head_view_section(data: dict) -> str:
     script = (ASSETS / "head_view.js").read_text(encoding="utf-8")
     return (f'<section id="head-view"><h2>Interactive head view</h2>'
             f'<div id="hv-controls"><label>document <select id="hv-doc"></select></label>'
+            f'<label id="hv-site-label">attention <select id="hv-site"></select></label>'
             f'<label>layer <select id="hv-layer"></select></label>'
             f'<label>head <select id="hv-head"></select></label><span id="hv-source"></span></div>'
             f'<p class="note">Window 0 of each document, its first {MAX_VIEW_TOKENS} tokens. Lines: '
