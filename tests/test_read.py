@@ -45,7 +45,7 @@ def test_tables_rows_and_files_come_from_the_records(data, dense):
         for table, n in r["rows"].items():
             rows[table] = rows.get(table, 0) + n
     assert {t: v["rows"] for t, v in dense.tables.items()} == {t: n for t, n in rows.items() if n}
-    assert set(dense.tables) == {"documents", "tokens", "head_stats", "edges", "rollout", "maps"}
+    assert set(dense.tables) == {"documents", "tokens", "words", "head_stats", "edges", "rollout", "maps"}
     assert dense.tables["edges"]["layers"] == [0, 1]
     assert sorted(dense.files("edges")) == sorted(committed_files(data["dense"], "edges"))
     assert "edges" in repr(dense)
@@ -142,7 +142,8 @@ def test_uncommitted_files_are_never_read(with_strays):
 
 def test_sql_views_of_every_table(dense):
     shown = set(dense.sql("SHOW TABLES")["name"])
-    tables = {"documents", "tokens", "head_stats", "edges", "rollout", "maps", "edges_tokens", "rollout_tokens"}
+    tables = {"documents", "tokens", "words", "head_stats", "edges", "rollout", "maps", "edges_tokens",
+              "rollout_tokens"}  # edges_words / rollout_words only beside word-level recipes (test_words.py)
     assert shown == tables | set(dense.recipe_labels) and set(dense.recipe_labels) - tables  # + one per recipe
     for table, info in dense.tables.items():
         assert dense.sql(f"SELECT count(*) AS n FROM {table}")["n"][0] == info["rows"]
@@ -258,7 +259,7 @@ def test_query_cli_errors_are_one_line(data):
 
 def test_missing_table_names_the_views(data):
     ds = open_dataset(data["sparse"])
-    with pytest.raises(QueryError, match="views of .*: documents, edges, rollout, tokens, edges_tokens, rollout_tokens"):
+    with pytest.raises(QueryError, match="views of .*: documents, edges, rollout, tokens, words, edges_tokens, rollout_tokens"):
         ds.sql("SELECT * FROM maps")
 
 

@@ -25,18 +25,24 @@ from ..errors import QueryError
 # Joins users would otherwise write every time: edge and rollout rows with the strings of their
 # query and key tokens (the same positions: tokens.position = query_pos / key_pos, on the side
 # each position indexes: in encoder-decoder pair runs a decoder row's queries are target tokens,
-# and so are its keys for self-attention, while cross-attention keys are source tokens).
+# and so are its keys for self-attention, while cross-attention keys are source tokens). Rows of
+# word-level recipes (level = "word") index words, so they join `words` instead (edges_words,
+# rollout_words: query_word / key_word, the words' text) and are left out of the token views.
 TOKEN_VIEWS = {
-    "edges_tokens": ("edges", "e.head, "),
-    "rollout_tokens": ("rollout", ""),
+    "edges_tokens": ("edges", "e.head, ", "tokens"),
+    "rollout_tokens": ("rollout", "", "tokens"),
+    "edges_words": ("edges", "e.head, ", "words"),
+    "rollout_words": ("rollout", "", "words"),
 }
+_UNITS = {"tokens": ("token", "token", "position", "NOT LIKE"), "words": ("word", "text", "word_index", "LIKE")}
 _TOKEN_VIEW_SQL = """
 CREATE VIEW {name} AS
-SELECT e.doc_id, e.window_index, e.layer, {site}{head}e.query_pos, q.token AS query_token,
-       e.key_pos, k.token AS key_token, e.weight, e.recipe, e.recipe_params{label}
+SELECT e.doc_id, e.window_index, e.layer, {site}{head}e.query_pos, q.{text} AS query_{unit},
+       e.key_pos, k.{text} AS key_{unit}, e.weight, e.recipe, e.recipe_params{label}
 FROM {base} e
-JOIN tokens q ON q.doc_id = e.doc_id AND q.window_index = e.window_index AND q.position = e.query_pos{q_side}
-JOIN tokens k ON k.doc_id = e.doc_id AND k.window_index = e.window_index AND k.position = e.key_pos{k_side}
+JOIN {table} q ON q.doc_id = e.doc_id AND q.window_index = e.window_index AND q.{pos} = e.query_pos{q_side}
+JOIN {table} k ON k.doc_id = e.doc_id AND k.window_index = e.window_index AND k.{pos} = e.key_pos{k_side}
+WHERE e.recipe_params {level} '%"level":"word"%'
 """
 _QUERY_SIDE = " AND q.side = CASE WHEN e.stack = 'decoder' THEN 'target' ELSE 'source' END"
 _KEY_SIDE = " AND k.side = CASE WHEN e.stack = 'decoder' AND e.attention = 'self' THEN 'target' ELSE 'source' END"
@@ -166,13 +172,16 @@ class Query:
             paths = [str(Path(f).resolve()) for f in files[table]]
             self.con.execute(f'CREATE VIEW "{table}" AS SELECT * FROM read_parquet({_sql_list(paths)})')
         self.views = list(self.tables)
-        for name, (base, head) in TOKEN_VIEWS.items():
-            if base in self.tables and "tokens" in self.tables:
+        word_level = {t for label, t in recipes.items() if label.endswith("_word")}  # tables with word rows
+        for name, (base, head, table) in TOKEN_VIEWS.items():
+            if base in self.tables and table in self.tables and (table == "tokens" or base in word_level):
                 columns = [d[0] for d in self.con.execute(f'SELECT * FROM "{base}" LIMIT 0').description]
                 label = ", e.recipe_label" if "recipe_label" in columns else ""  # schema v3 and later
                 site = "e.stack, e.attention, " if "stack" in columns else ""  # not in v2 data
                 sides = self.pairs and "stack" in columns
+                unit, text, pos, level = _UNITS[table]
                 self.con.execute(_TOKEN_VIEW_SQL.format(name=name, base=base, head=head, label=label, site=site,
+                                                        table=table, unit=unit, text=text, pos=pos, level=level,
                                                         q_side=_QUERY_SIDE if sides else "",
                                                         k_side=_KEY_SIDE if sides else ""))
                 self.views.append(name)
