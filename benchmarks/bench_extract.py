@@ -15,8 +15,10 @@ default recipe set over the demo corpus repeated four times (MiniLM, float32), a
 script that reads the same corpus with datasets, tokenizes the same windows, batches them the
 same way and runs the model with eager attention, keeping nothing.
 
-Usage: python benchmarks/bench_extract.py [--cpu] [--json FILE] [--repeats 3] [--quick]
+Usage: python benchmarks/bench_extract.py [--cpu] [--json FILE] [--repeats 3] [--quick] [--models M,...]
   --quick: tiny shapes (smoke test of the GPU code path on any device).
+  --models: only these rows of the GPU table (benchmarks/gpu_check.py runs one per step, so a row
+            that overruns its time costs only itself).
 """
 
 from __future__ import annotations
@@ -273,19 +275,25 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--json", type=Path, help="write the figures here")
+    ap.add_argument("--models", type=lambda s: s.split(","), default=list(SHAPES),
+                    help=f"comma-separated rows of the GPU table (default: all of {','.join(SHAPES)})")
     args = ap.parse_args()
+    unknown = sorted(set(args.models) - set(SHAPES))
+    if unknown:
+        ap.error(f"--models: unknown {','.join(unknown)}; valid: {','.join(SHAPES)}")
+    shapes, quick = ({k: v for k, v in table.items() if k in args.models} for table in (SHAPES, QUICK))
     import torch
 
     if args.cpu or not torch.cuda.is_available():
         if args.quick:
-            rows = run_gpu(QUICK, "cpu", args.repeats, "float32")
+            rows = run_gpu(quick, "cpu", args.repeats, "float32")
             print_gpu(rows, machine("cpu") + " (quick smoke run of the GPU code path)")
             result = {"quick": rows}
         else:
             result = {"cpu": run_cpu(args.repeats)}
             print_cpu(result["cpu"])
     else:
-        rows = run_gpu(QUICK if args.quick else SHAPES, "cuda", args.repeats, args.dtype)
+        rows = run_gpu(quick if args.quick else shapes, "cuda", args.repeats, args.dtype)
         print_gpu(rows, machine("cuda"))
         result = {"gpu": rows, "machine": machine("cuda")}
     if args.json:
