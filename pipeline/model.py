@@ -54,6 +54,10 @@ def resolve_source(name: str, base_dir: Path) -> tuple[str, bool]:
     """(what to pass to from_pretrained, is it a local directory)."""
     if name in BUILTIN_NAMES:
         return str(builtin_model_dir()), True
+    if name in hub.EMBEDDED_NAMES:  # converted on first use (pipeline/embedded.py)
+        from . import embedded
+
+        return str(embedded.model_dir()), True
     local = Path(name).expanduser()
     local = local if local.is_absolute() else base_dir / local
     if local.exists():
@@ -147,6 +151,16 @@ def _check_text_model(model: torch.nn.Module, name: str) -> None:
     if "input_ids" not in inspect.signature(encoder.forward).parameters:
         raise ModelError(f"model {name!r} ({type(model).__name__}) does not take token ids; attnpipe captures "
                          "the attention of text models (BERT, GPT-2, Llama, T5, ...)")
+
+
+def _embedded_provenance(folder: Path, copy_sha: str | None) -> dict:
+    """A converted embedded model (SmolLM2): the copy's weights checked against its marker, and
+    the GGUF's sha256 as the weights id, as hub.model_weights_id gives it without loading."""
+    from . import embedded
+
+    marker = embedded.check_copy(folder, copy_sha)
+    return {"weights_sha256": marker["gguf_sha256"], "gguf_file": marker["gguf_file"],
+            "converted_sha256": copy_sha, "converted_with": marker.get("versions")}
 
 
 def _versions() -> dict[str, str]:
@@ -352,4 +366,6 @@ def load_model(name: str, *, base_dir: Path = Path("."), revision: str | None = 
     provenance = {"source": source, "revision": revision or getattr(model.config, "_commit_hash", None)}
     if local:
         provenance["weights_sha256"] = weights_sha256(Path(source))
+    if name in hub.EMBEDDED_NAMES - BUILTIN_NAMES:
+        provenance.update(_embedded_provenance(Path(source), provenance["weights_sha256"]))
     return LoadedModel(model, tokenizer, name, target, dtype, provenance, backend)

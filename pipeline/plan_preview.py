@@ -37,7 +37,8 @@ MAX_WINDOW = 4096  # as LoadedModel.max_length: the longest window when the mode
 # run.weight_dtype; zstd on other data and other file sizes gives other figures.
 EDGE_BYTES = {"bfloat16": 1.9, "float16": 2.4, "float32": 6.1}  # topk and rollout, per edge row
 HEAD_STATS_BYTES = {"bfloat16": 13.0, "float16": 24.0, "float32": 66.0}  # per window x layer x head
-TOKENS_BYTES = 6.3  # per token
+TOKENS_BYTES = 6.6  # per token (6.3 before tokens.word_index)
+WORDS_BYTES_PER_TOKEN = 5.3  # the words table (one row per word, about one word per 1.02 tokens)
 DOCUMENTS_BYTES_PER_TOKEN = 1.0
 NOT_ESTIMATED = "not estimated (depends on the data)"
 
@@ -52,6 +53,10 @@ def model_folder(job: JobSpec) -> Path | None:
         return None
     if name in hub.BUILTIN_NAMES:
         return hub.builtin_model_dir()
+    if name in hub.EMBEDDED_NAMES:  # SmolLM2: its converted copy, once a run has made it
+        from . import embedded
+
+        return embedded.existing_copy()
     local = hub.local_path(name, Path(job.base_dir))
     if local.is_dir():
         return local
@@ -160,11 +165,12 @@ def estimate_size(job: JobSpec, shape: dict, full: np.ndarray, last: np.ndarray,
     layers, heads = shape["layers"], shape["heads"]
     windows = float((full + (last > 0)).sum())
     out = [{"table": "documents", "recipe": None, "rows": documents, "bytes": tokens * DOCUMENTS_BYTES_PER_TOKEN},
-           {"table": "tokens", "recipe": None, "rows": tokens, "bytes": tokens * TOKENS_BYTES}]
+           {"table": "tokens", "recipe": None, "rows": tokens, "bytes": tokens * TOKENS_BYTES},
+           {"table": "words", "recipe": None, "rows": tokens, "bytes": tokens * WORDS_BYTES_PER_TOKEN}]
     for i, spec in enumerate(job.recipes):
         name = spec["name"]
         recipe = RECIPES[name]
-        defaults = {k: f.default for k, f in recipe.params.model_fields.items()}
+        defaults = {k: f.default for k, f in recipe.params.model_fields.items() if k != "level"}  # word: in spec
         params = {**defaults, **{k: v for k, v in spec.items() if k != "name"}}
         label = name + "".join(f" {k}={v}" for k, v in params.items())
         row = {"table": recipe.table, "recipe": i, "name": label}
@@ -309,7 +315,7 @@ def preview(job: JobSpec, new_run: bool = False) -> dict:
         "model": {"name": job.model.factory or job.model.name, "folder": str(folder) if folder else None, "layers": shape["layers"],
                   "heads": shape["heads"], "window": window,
                   "window_from": "model.max_length" if job.model.max_length else shape["window_from"], "stride": stride, "special_tokens": specials,
-                  "causal": shape["causal"], "tokenizer": tok is not None},
+                  "causal": shape["causal"], "tokenizer": tok is not None, "note": _model_note(job)},
         "estimate": {"documents": int(len(rows)), "characters": int(chars.sum()), "tokens": tokens,
                      "windows": int((full + (last > 0)).sum()),
                      "tokens_per_char": round(float(ratio), 4) if ratio is not None else None,
@@ -320,6 +326,15 @@ def preview(job: JobSpec, new_run: bool = False) -> dict:
                      "not_estimated": [f"{x['name'].split()[0]} (r{x['recipe']})"
                                        for x in sizes if x["bytes"] is None]},
     }
+
+
+def _model_note(job: JobSpec) -> str | None:
+    """What the dry run says about a converted embedded model (SmolLM2): its copy, or that the run makes it."""
+    if job.model.factory or job.model.name not in hub.EMBEDDED_NAMES - hub.BUILTIN_NAMES:
+        return None
+    from . import embedded
+
+    return embedded.dry_run_note()
 
 
 def _size(n: float) -> str:
@@ -368,6 +383,8 @@ def format_preview(p: dict, max_shards: int = 20) -> str:
     shape = f"{m['layers']} layers x {m['heads']} heads" if m["layers"] and m["heads"] else "layers/heads unknown"
     lines.append(f"model:      {m['name']}: {shape}, windows of {m['window']} tokens ({m['window_from']}; {m['special_tokens']} special, "
                  f"{m['stride']} shared with the window before)" + (", causal" if m["causal"] else ""))
+    if m.get("note"):
+        lines.append(f"            {m['note']}")
     how = (f"{e['tokens_per_char']} tokens per character from {e['sampled_documents']} sampled documents"
            if m["tokenizer"] else f"no tokenizer.json found for {m['name']}: characters / 4")
     lines.append("estimates (rough; not a promise):")
