@@ -88,7 +88,7 @@ def test_status_of_a_complete_run(done):
     assert s["documents"] == len(TEXTS) and s["empty_documents"] == 0
     assert s["tokens"] == sum(r["tokens"] for r in records.values()) > 0
     assert s["windows"] == sum(r["windows"] for r in records.values()) > len(TEXTS)  # long documents overlap
-    assert set(s["rows"]) == {"documents", "tokens", "head_stats", "edges"}
+    assert set(s["rows"]) == {"documents", "tokens", "words", "head_stats", "edges"}
     assert s["rows"]["documents"] == len(TEXTS)
     assert s["rows"]["edges"] == sum(r["rows"]["edges"] for r in records.values())
     assert s["last_run"]["last_commit"] == max(r["committed_at"] for r in records.values())

@@ -153,7 +153,7 @@ def test_commit_records_list_the_files(done):
             by_table[f["table"]] = by_table.get(f["table"], 0) + f["rows"]
             listed.append(p)
         assert record["rows"] == by_table
-    on_disk = [p for t in ("documents", "tokens", "head_stats", "edges") for p in (out / t).rglob("*.parquet")]
+    on_disk = [p for t in ("documents", "tokens", "words", "head_stats", "edges") for p in (out / t).rglob("*.parquet")]
     assert sorted(committed_files(out)) == sorted(listed) == sorted(on_disk)
     assert sorted(committed_files(out, "edges")) == sorted(p for p in listed if p.is_relative_to(out / "edges"))
     printed = invoke("files", out, "edges")
