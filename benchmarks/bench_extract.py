@@ -15,8 +15,8 @@ default recipe set over the demo corpus repeated four times (MiniLM, float32), a
 script that reads the same corpus with datasets, tokenizes the same windows, batches them the
 same way and runs the model with eager attention, keeping nothing.
 
-Usage: python benchmarks/bench_extract.py [--cpu] [--json FILE] [--repeats 3] [--quick] [--models M,...]
-  --quick: tiny shapes (smoke test of the GPU code path on any device).
+Usage: python benchmarks/bench_extract.py [--cpu] [--json FILE] [--repeats 3] [--quick [--tiny]] [--models M,...]
+  --quick: tiny shapes (smoke test of the GPU code path on any device); --tiny: 2-layer models too.
   --models: only these rows of the GPU table (benchmarks/gpu_check.py runs one per step, so a row
             that overruns its time costs only itself).
 """
@@ -137,15 +137,23 @@ def print_cpu(r: dict) -> None:
 
 # ---------------------------------------------------------------- GPU: one process
 
-def build_model(kind: str, dtype):
+TINY = {  # --tiny: 2-layer widths, for a smoke run of the code path in seconds (gpu_check --cpu-dry)
+    "bert": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4),
+    "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)}
+
+
+def build_model(kind: str, dtype, tiny: bool = False):
     import torch
     from transformers import AutoModel, BertConfig, GPT2Config, LlamaConfig
 
-    config = {"bert": lambda: BertConfig(max_position_embeddings=2048),
-              "gpt2": lambda: GPT2Config(n_positions=2048),
-              "llama": lambda: LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
-                                           num_attention_heads=32, num_key_value_heads=8,
-                                           max_position_embeddings=4096, vocab_size=32000)}[kind]()
+    llama = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
+                 num_key_value_heads=8, max_position_embeddings=4096, vocab_size=32000)
+    small = TINY[kind] if tiny else {}
+    config = {"bert": lambda: BertConfig(max_position_embeddings=2048, **small),
+              "gpt2": lambda: GPT2Config(n_positions=2048, **small),
+              "llama": lambda: LlamaConfig(**{**llama, **small})}[kind]()
     torch.manual_seed(0)
     return AutoModel.from_config(config, attn_implementation="sdpa", dtype=dtype).eval()
 
@@ -180,7 +188,7 @@ def timed(fn, sync, repeats: int) -> tuple[float, float]:
     return statistics.median(times), peak
 
 
-def run_gpu(shapes: dict, device_name: str, repeats: int, dtype_name: str) -> list[dict]:
+def run_gpu(shapes: dict, device_name: str, repeats: int, dtype_name: str, tiny: bool = False) -> list[dict]:
     import torch
 
     from attnpipe.model import LoadedModel
@@ -197,11 +205,11 @@ def run_gpu(shapes: dict, device_name: str, repeats: int, dtype_name: str) -> li
     tok = AutoTokenizer.from_pretrained(builtin_model_dir())
     results = []
     for name, (kind, batch, tokens) in shapes.items():
-        model = build_model(kind, dtype).to(device)
+        model = build_model(kind, dtype, tiny).to(device)
         windows = gpu_batch(batch, tokens, min(model.config.vocab_size, len(tok)), device)  # ids the tokenizer knows
         ids, mask = (t.to(device) for t in collate(windows, 0))
         n_tokens = int(mask.sum())
-        row = {"model": name, "batch": batch, "tokens": tokens, "dtype": dtype_name}
+        row = {"model": name, "batch": batch, "tokens": tokens, "dtype": dtype_name} | ({"tiny": True} if tiny else {})
 
         def forward(impl, **kw):
             model.set_attn_implementation(impl)
@@ -272,6 +280,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpu", action="store_true", help="the CPU whole-process comparison even with CUDA")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
+    ap.add_argument("--tiny", action="store_true", help="2-layer models of the same kinds (smoke test, with --quick)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--json", type=Path, help="write the figures here")
@@ -286,14 +295,14 @@ def main() -> None:
 
     if args.cpu or not torch.cuda.is_available():
         if args.quick:
-            rows = run_gpu(quick, "cpu", args.repeats, "float32")
+            rows = run_gpu(quick, "cpu", args.repeats, "float32", args.tiny)
             print_gpu(rows, machine("cpu") + " (quick smoke run of the GPU code path)")
             result = {"quick": rows}
         else:
             result = {"cpu": run_cpu(args.repeats)}
             print_cpu(result["cpu"])
     else:
-        rows = run_gpu(quick if args.quick else shapes, "cuda", args.repeats, args.dtype)
+        rows = run_gpu(quick if args.quick else shapes, "cuda", args.repeats, args.dtype, args.tiny)
         print_gpu(rows, machine("cuda"))
         result = {"gpu": rows, "machine": machine("cuda")}
     if args.json:
