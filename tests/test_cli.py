@@ -419,7 +419,7 @@ def test_demo_job_on_builtin_minilm(tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(invoke("inspect", out, "--json").output)
     assert summary["status"] == "complete" and summary["shards"] == "2/2 committed"
-    assert set(summary["tables"]) == {"documents", "tokens", "head_stats", "edges", "rollout", "maps"}
+    assert set(summary["tables"]) == {"documents", "tokens", "words", "head_stats", "edges", "rollout", "maps"}
     assert summary["tables"]["documents"]["rows"] == 6
     assert summary["tables"]["head_stats"]["layers"] == list(range(6))
     assert summary["provenance"]["num_heads"] == 12
