@@ -27,7 +27,9 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .errors import ModelError
 
@@ -191,11 +193,39 @@ def _check_extra() -> None:
 
 def _convert_into(root: Path, gguf: Path, sha: str) -> Path:
     """Convert into a temporary folder beside the target, then rename it into place: a killed
-    conversion leaves no folder that looks finished, and two processes converting at once both
-    end up with one complete copy."""
+    conversion leaves no folder that looks finished (its temporary folder is removed by the next
+    conversion, which holds the lock), and processes converting at once end with one copy."""
     final = copy_dir(sha, root)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    with _converting(root / f".{final.name}.lock"):
+        if _finished(final, sha):  # another process (a Dask worker) converted it while we waited
+            return final
+        for dead in root.glob(f".{final.name}.*"):
+            if dead.is_dir():
+                shutil.rmtree(dead, ignore_errors=True)
+        return _convert_unlocked(final, gguf, sha)
+
+
+@contextmanager
+def _converting(lock: Path) -> Iterator[None]:
+    """One conversion at a time per cache (Dask workers of one machine start together): the
+    others wait, then find the copy. Without fcntl (Windows) they convert side by side, and the
+    rename still leaves one complete copy."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with lock.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _convert_unlocked(final: Path, gguf: Path, sha: str) -> Path:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         log.info(f"converting {gguf.name} for attnpipe once (~25 s); the copy goes to {final}")
         convert(gguf, tmp)

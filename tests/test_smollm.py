@@ -12,6 +12,7 @@ import hashlib
 import importlib.metadata as md
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,7 @@ def smol_cache(tmp_path_factory):
         root = tmp_path_factory.mktemp("smollm-cache")
         mp.setenv("ATTNPIPE_CACHE", str(root))
         yield root
+    shutil.rmtree(root, ignore_errors=True)  # 538 MB; pytest would keep it for three sessions
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +73,7 @@ def test_loads_as_a_causal_gqa_decoder(smol, smol_cache):
     gguf, stated = embedded.gguf_record()
     assert smol.provenance["weights_sha256"] == stated == hub.model_weights_id(NAME, Path("."), None)
     assert hashlib.sha256(gguf.read_bytes()).hexdigest() == stated
-    assert not [p for p in source.parent.iterdir() if p.name.startswith(".")], "a temporary folder was left"
+    assert [p for p in source.parent.iterdir() if p.is_dir()] == [source], "a temporary folder was left"
 
 
 @pytest.mark.integration
@@ -207,7 +209,8 @@ def test_unreadable_gguf_is_one_line(fake_gguf):
     with pytest.raises(ModelError, match=r"could not be read as GGUF") as err:
         embedded.model_dir()
     assert "\n" not in str(err.value)
-    assert not list((fake_gguf.parent.parent / "cache" / "models").iterdir()), "a temporary folder was left"
+    assert not [p for p in (fake_gguf.parent.parent / "cache" / "models").iterdir() if p.is_dir()], \
+        "a temporary folder was left"
 
 
 def _fake_convert(gguf, out):
@@ -235,8 +238,11 @@ def test_copy_is_atomic_and_reused(fake_gguf, monkeypatch):
     first = embedded.model_dir()
     assert embedded.model_dir() == first and len(calls) == 1
     assert calls[0].parent == first.parent and calls[0].name.startswith(".")  # written beside, then renamed
-    (first / embedded.MARKER).unlink()  # as a killed conversion would leave it: not finished
+    assert sorted(p.name for p in first.parent.iterdir()) == [f".{first.name}.lock", first.name]
+    (first / embedded.MARKER).unlink()  # not finished: converted again
+    (first.parent / f".{first.name}.dead").mkdir()  # what a killed conversion leaves
     assert embedded.model_dir() == first and len(calls) == 2
+    assert sorted(p.name for p in first.parent.iterdir()) == [f".{first.name}.lock", first.name]
 
 
 def test_damaged_copy_is_refused(fake_gguf, monkeypatch):
