@@ -100,7 +100,7 @@ def run_child(step: Step, ctx: Context) -> None:
     process group (bench_long's children, pytest's) and say so."""
     left = ctx.deadline - time.monotonic()
     limit = min(step.budget_s, left)
-    if limit < 5:
+    if left < 5:  # too little to start a Python with torch in
         step.status, step.reason = "skipped", f"no time left in the overall budget ({ctx.args.budget} s)"
         return
     log = ctx.work / f"{step.name}.log"
@@ -192,7 +192,7 @@ def step_attnpipe(step: Step, ctx: Context) -> None:
         how = install_attnpipe(step, ctx)
         check = Step("attnpipe-import", step.budget_s / 3, [sys.executable, "-c", IMPORT_CHECK])
         run_child(check, ctx)
-    step.seconds, step.output = check.seconds, check.output
+    step.seconds, step.output = check.seconds, (step.output + "\n" + check.output).strip()  # pip's, then the check's
     step.status, step.returncode = check.status, check.returncode
     step.reason = f"{how}: {last_line(check.output)}" if check.status == "ok" else check.reason
     ctx.facts["attnpipe_install"] = how
@@ -208,13 +208,17 @@ def install_attnpipe(step: Step, ctx: Context) -> str:
     step.output = pip.output
     if pip.status == "ok":
         return "pip install --no-deps -e ."
-    links = Path(ctx.args.site) / "links"
+    links = link_attnpipe(Path(ctx.args.site) / "links")
+    ctx.env["PYTHONPATH"] = os.pathsep.join([str(links), ctx.env["PYTHONPATH"]])
+    return f"links in {links} (pip: {pip.reason})"
+
+
+def link_attnpipe(links: Path) -> Path:
     links.mkdir(parents=True, exist_ok=True)
     for name, target in (("attnpipe", REPO / "pipeline"), ("schemas", REPO / "schemas")):
         if not (links / name).exists():
             (links / name).symlink_to(target)
-    ctx.env["PYTHONPATH"] = os.pathsep.join([str(links), ctx.env["PYTHONPATH"]])
-    return f"links in {links} (pip: {pip.reason})"
+    return links
 
 
 # ---------------------------------------------------------------- measuring steps (children)
