@@ -37,11 +37,12 @@ from attnpipe.store import committed_files, read_records
 from conftest import write_job
 
 REPO = Path(__file__).resolve().parents[1]
-TABLES = ("documents", "tokens", "head_stats", "edges", "rollout")
+TABLES = ("documents", "tokens", "words", "head_stats", "edges", "rollout")
 NUM_SHARDS = 3
 KEYS = {  # what makes a row unique in each table
     "documents": ["doc_id"],
     "tokens": ["doc_id", "window_index", "position"],
+    "words": ["doc_id", "window_index", "word_index"],
     "head_stats": ["doc_id", "window_index", "layer", "head", "recipe", "recipe_params"],
     "edges": ["doc_id", "window_index", "layer", "head", "query_pos", "key_pos", "recipe", "recipe_params"],
     "rollout": ["doc_id", "window_index", "layer", "query_pos", "key_pos", "recipe", "recipe_params"],
@@ -262,14 +263,14 @@ def check_killed(name: str, states: list[State]) -> None:
     elif name in ("publish", "twice"):
         assert first.records == [] and first.staging and len(first.unlisted) == 2
     elif name == "record":
-        assert first.records == [] and len(first.record_tmp) == 1 and len(first.unlisted) == 8
+        assert first.records == [] and len(first.record_tmp) == 1 and len(first.unlisted) == 9  # the shard's files, words included
     elif name == "commit":
         assert first.records == [0] and first.unlisted == [] and not first.staging
     elif name == "last":
         assert first.records == [0, 1, 2] and first.unlisted == [] and not first.staging
     if name == "twice":
         second = states[1]  # recovered the first kill, committed shard 0, died writing shard 1's record
-        assert second.records == [0] and len(second.record_tmp) == 1 and len(second.unlisted) == 8
+        assert second.records == [0] and len(second.record_tmp) == 1 and len(second.unlisted) == 9
         assert all("/shard-00001-" in n for n in second.unlisted), second.unlisted
 
 
