@@ -31,7 +31,7 @@ def __getattr__(name: str) -> Any:
 
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    # Every recipe can run on words (pipeline/recipes/words.py). Only "word" is written into the
+    # Every recipe can run on words (LayerAttention.words in attention.py). Only "word" is written into the
     # recipe's parameters (validate_recipe drops the default), so token-level recipe ids, labels
     # and job fingerprints stay what they were before the parameter existed.
     level: Literal["token", "word"] = Field(

@@ -13,6 +13,7 @@ def dense(att: LayerAttention, *, max_tokens: int, per_head: bool) -> dict[str, 
     pairs whose source and target both have at most max_tokens tokens, keys the source's 0..n-1.
 
     per_head=true: every head; false: only the mean over heads (head = -1).
+    level = "word": rows and keys are words, and max_tokens counts words.
     """
     m = att.masks
     probs = att.select(per_head)  # (batch, head, query_pos, key_pos)

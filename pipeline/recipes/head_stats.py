@@ -30,6 +30,10 @@ def head_stats(att: LayerAttention) -> dict[str, torch.Tensor]:
     Cross-attention (target queries, source keys): the key sets are the source's, and self_mass,
     prev_mass, next_mass and mean_distance are left out (null), since a target position and a
     source position are places in two different sequences.
+
+    level = "word": the same on words (first_mass on word 0; sep/special/punct on words all of whose
+    pieces are; self/prev/next on neighbouring words; mean_distance in words); window_tokens counts
+    the window's words.
     """
     m = att.masks
     p = att.clean  # (batch, head, query_pos, key_pos), zero on padded and future keys

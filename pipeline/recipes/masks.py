@@ -1,6 +1,7 @@
 """The mask extractions people commonly use: top-k, threshold (per head or on the head mean),
 and top-p. Each writes rows to the `edges` table. Padded and future (causal) keys never appear.
 On cross-attention the keys are the source tokens (key_pos) and the queries the target's.
+At level "word" (LayerAttention.words) query_pos and key_pos are word indices.
 """
 
 from __future__ import annotations

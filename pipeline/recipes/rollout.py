@@ -14,6 +14,7 @@ def rollout(att: LayerAttention, carry: torch.Tensor | None, *, k: int
     Per layer: the head mean A, then 0.5*A + 0.5*I with rows renormalised, multiplied onto the
     product of the layers below (layer 0 is its own rollout). Padded tokens take no part; for
     causal models the product stays lower-triangular, so no future key is stored.
+    level = "word": rollout over word-pooled maps (each layer's head mean pooled onto words first).
     """
     m = att.masks
     mean = att.head_mean[:, 0]  # (batch, query_pos, key_pos)
