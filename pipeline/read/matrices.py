@@ -6,8 +6,9 @@
 - `rollout_matrix`: what one query token attends to after rollout, layer by layer.
 - `crop` and `merge_words`: keep long documents readable. Words are the tokens' `word_index`
   (pipeline/wordpieces.py; older data: the same rule on character offsets, pieces whose offsets
-  touch form one word, punctuation at a word's edge on its own); merged weights are the sum over the attended word's pieces and the mean
-  over the attending word's pieces, so each row still sums to what its tokens' rows summed to.
+  touch form one word, punctuation at a word's edge on its own); merged weights are the sum over
+  the attended word's pieces and the mean over the attending word's pieces, so each row still
+  sums to what its tokens' rows summed to.
 """
 
 from __future__ import annotations
