@@ -340,3 +340,16 @@ def test_query_joins_word_edges_to_words(word_run):
     stats = ds.sql("SELECT window_tokens, n FROM head_stats_word h JOIN (SELECT doc_id, window_index, count(*) AS n "
                    "FROM words GROUP BY ALL) USING (doc_id, window_index)")
     assert (stats["window_tokens"] == stats["n"]).all()  # at word level it counts the window's words
+
+
+def test_token_plots_and_the_head_view_leave_word_rows_out(word_run):
+    """Matrices and the report's head view are labelled with tokens: word-level rows stay out."""
+    from attnpipe.read.matrices import _rows
+    from attnpipe.read.report import _views
+
+    ds = open_dataset(word_run)
+    edges = _rows(ds, "edges", {"doc_id": "d-anim"}, 1)
+    assert len(edges) and not edges["recipe_params"].str.contains("word").any()
+    n = int(ds.sql("SELECT count(*) AS n FROM tokens WHERE doc_id = 'd-anim'")["n"][0])
+    views = _views(ds, "d-anim", {"source": n})[0]
+    assert views and all("word" not in v["source"] for v in views.values())

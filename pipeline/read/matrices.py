@@ -140,7 +140,9 @@ def _rows(ds, table: str, where: dict, layer: int | None = None):
     from ..store.verify import parquet_format
 
     data = pads.dataset(files, format=parquet_format())
-    return data.to_table(filter=_expression(where, data.schema)).to_pandas()
+    rows = data.to_table(filter=_expression(where, data.schema)).to_pandas()
+    # Matrices are labelled with tokens: rows of word-level recipes (which index words) are left out.
+    return rows[~rows["recipe_params"].str.contains('"level":"word"', regex=False)] if len(rows) else rows
 
 
 SITES = ("encoder-self", "decoder-self", "decoder-cross")  # as `--site` names them

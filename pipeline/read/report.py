@@ -59,7 +59,8 @@ def _views(ds, doc_id: str, counts: dict[str, int]) -> tuple[dict, list, list, l
     `counts`: the tokens drawn per side."""
     views: dict[str, dict] = {}
     quoted = doc_id.replace("'", "''")
-    base = f"doc_id = '{quoted}' AND window_index = 0"
+    # The head view draws tokens: rows of word-level recipes (which index words) are left out.
+    base = f"""doc_id = '{quoted}' AND window_index = 0 AND recipe_params NOT LIKE '%"level":"word"%'"""
     for site in (SITES if ds.pairs else ("",)):
         where = base
         if site:
