@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -211,6 +212,7 @@ def test_setup_steps_install_the_bundle_first_on_the_path(tmp_path):
     step = gpu_check.Step("attnpipe", 60)
     gpu_check.step_attnpipe(step, ctx)
     assert step.status == "ok" and step.reason.startswith("already importable"), step.reason
+    shutil.rmtree(ctx.work)
 
 
 def test_links_make_attnpipe_importable_without_pip(tmp_path):
