@@ -35,7 +35,6 @@ Usage: python benchmarks/gpu_check.py [--out DIR] [--wheels .whl] [--budget 480]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
