@@ -52,6 +52,9 @@ def word_pooling(windows: list[Window] | list[Target], masks: BatchMasks) -> Wor
     """The batch's words: the (batch, word, pos) membership matrix, and word-level masks whose
     flags hold for a word when they hold for all its pieces."""
     device = masks.lengths.device
+    if any(w.words is None for w in windows):
+        raise ValueError("word-level recipes need each window's words (windows.tokenize and pairs.tokenize_pairs "
+                         "fill them)")
     counts = [max(w.words) + 1 if len(w) else 0 for w in windows]
     total = torch.zeros(len(windows), max(counts), masks.size, device=device)
     for row, w in enumerate(windows):
