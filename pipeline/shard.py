@@ -127,35 +127,25 @@ def token_columns(doc_ids: list[str], windows: list[Window], tokenizer) -> dict:
     cols: dict[str, list] = {k: [] for k in ("doc_id", "window_index", "side", "position", "token_id", "token",
                                              "char_start", "char_end", "special", "word_index")}
     for w in windows:
-        n = len(w)
-        cols["doc_id"] += [doc_ids[w.doc_index]] * n
-        cols["window_index"] += [w.window] * n
-        cols["side"] += ["source"] * n
-        cols["position"] += range(n)
-        cols["token_id"] += w.input_ids
-        cols["token"] += tokenizer.convert_ids_to_tokens(w.input_ids)
-        cols["char_start"] += [s for s, _ in w.offsets]
-        cols["char_end"] += [e for _, e in w.offsets]
-        cols["special"] += w.special
-        cols["word_index"] += w.words
-        if w.target is not None:
-            _target_tokens(cols, doc_ids[w.doc_index], w.target, tokenizer)
+        _sequence_tokens(cols, doc_ids[w.doc_index], w.window, "source", w, tokenizer)
+        if w.target is not None:  # a pair's target: the decoder's input tokens, offsets into the target text
+            _sequence_tokens(cols, doc_ids[w.doc_index], 0, "target", w.target, tokenizer)
     return cols
 
 
-def _target_tokens(cols: dict, doc_id: str, target, tokenizer) -> None:
-    """A pair's target side: the decoder's input tokens, offsets into the target text."""
-    n = len(target)
+def _sequence_tokens(cols: dict, doc_id: str, window: int, side: str, seq, tokenizer) -> None:
+    """The rows of one tokenized sequence (a window, or a pair's target) into `cols`."""
+    n = len(seq.input_ids)
     cols["doc_id"] += [doc_id] * n
-    cols["window_index"] += [0] * n
-    cols["side"] += ["target"] * n
+    cols["window_index"] += [window] * n
+    cols["side"] += [side] * n
     cols["position"] += range(n)
-    cols["token_id"] += target.input_ids
-    cols["token"] += tokenizer.convert_ids_to_tokens(target.input_ids)
-    cols["char_start"] += [s for s, _ in target.offsets]
-    cols["char_end"] += [e for _, e in target.offsets]
-    cols["special"] += target.special
-    cols["word_index"] += target.words
+    cols["token_id"] += seq.input_ids
+    cols["token"] += tokenizer.convert_ids_to_tokens(seq.input_ids)
+    cols["char_start"] += [s for s, _ in seq.offsets]
+    cols["char_end"] += [e for _, e in seq.offsets]
+    cols["special"] += seq.special
+    cols["word_index"] += seq.words
 
 
 def word_columns(doc_ids: list[str], windows: list[Window], texts: list[str],

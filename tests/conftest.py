@@ -150,7 +150,7 @@ def write_job(tmp_path: Path, corpus: Path | str, model: Path | str = "all-MiniL
     """A job file in tmp_path; `run` keys go to [run] (output defaults to tmp_path/out)."""
     run.setdefault("output", str(tmp_path / "out"))
     run.setdefault("progress", False)
-    lines = [f'name = "test"', "[corpus]", f'path = "{corpus}"', extra, "[model]", f'name = "{model}"',
+    lines = ['name = "test"', "[corpus]", f'path = "{corpus}"', extra, "[model]", f'name = "{model}"',
              "max_length = 64", "stride = 8", "[run]"]
     lines += [f"{k} = {toml_value(v)}" for k, v in run.items()]
     path = tmp_path / "job.toml"

@@ -15,7 +15,6 @@ of conftest's TINY_CONFIGS, which many tests parametrize over.
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

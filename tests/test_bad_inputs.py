@@ -18,22 +18,15 @@ from transformers import AutoModel, BertConfig
 
 from attnpipe import hub
 from attnpipe.corpus import open_corpus
-from attnpipe.errors import AttnpipeError, CorpusError, JobError, ModelError
+from attnpipe.errors import CorpusError, JobError, ModelError
 from attnpipe.job import CorpusSpec
 from attnpipe.model import load_model, pick_device
 
-from conftest import tiny_model, write_job
+from conftest import raises_one_line, tiny_model, write_job
 
 ROWS = [{"text": "The cat sat on the mat.", "id": "d1"}, {"text": "Why do rivers bend?", "id": "d2"}]
 
 
-def _raises(kind: type[AttnpipeError], call, *args, **kwargs) -> str:
-    """The one-line message of the error `call` raises."""
-    with pytest.raises(kind) as info:
-        call(*args, **kwargs)
-    message = str(info.value)
-    assert message and "\n" not in message, message
-    return message
 
 
 def _open(base: Path, **spec):
@@ -67,7 +60,7 @@ def weights_only_dir(tmp_path_factory) -> Path:
 
 
 def test_model_folder_without_tokenizer_files(weights_only_dir):
-    message = _raises(ModelError, load_model, str(weights_only_dir), device="cpu")
+    message = raises_one_line(ModelError, load_model, str(weights_only_dir), device="cpu")
     assert str(weights_only_dir) in message
     for expected in ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model"):
         assert expected in message
@@ -78,7 +71,7 @@ def test_tokenizer_that_knows_no_word(tmp_path, weights_only_dir):
     folder = tmp_path / "special-only"
     shutil.copytree(weights_only_dir, folder)
     (folder / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
-    message = _raises(ModelError, load_model, str(folder), device="cpu")
+    message = raises_one_line(ModelError, load_model, str(folder), device="cpu")
     assert "unknown" in message and "quick brown fox" in message
     assert str(folder) in message
 
@@ -91,7 +84,7 @@ def test_tokenizer_larger_than_embedding(tmp_path, tiny_model_dir):
     config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=128)
     AutoModel.from_config(config).save_pretrained(folder)
-    message = _raises(ModelError, load_model, str(folder), device="cpu")
+    message = raises_one_line(ModelError, load_model, str(folder), device="cpu")
     assert "100 rows" in message and "30522" in message
 
 
@@ -99,16 +92,16 @@ def test_tokenizer_larger_than_embedding(tmp_path, tiny_model_dir):
 
 def test_mps_without_mps(monkeypatch, tiny_model_dir):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    message = _raises(ModelError, pick_device, "mps")
+    message = raises_one_line(ModelError, pick_device, "mps")
     assert message == "run.device is 'mps' but MPS is not available; use auto or cpu"
-    _raises(ModelError, load_model, str(tiny_model_dir("bert")), device="mps")
+    raises_one_line(ModelError, load_model, str(tiny_model_dir("bert")), device="mps")
 
 
 def test_cuda_index_past_device_count(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert pick_device("cuda:1") == torch.device("cuda:1")
-    message = _raises(ModelError, pick_device, "cuda:2")
+    message = raises_one_line(ModelError, pick_device, "cuda:2")
     assert "'cuda:2'" in message and "cuda:0 to cuda:1" in message
 
 
@@ -126,13 +119,13 @@ def test_check_window_returns_the_window(tiny_bert):
 
 
 def test_max_length_above_the_models_maximum(tiny_bert):
-    message = _raises(JobError, tiny_bert.check_window, 100000, 32)
+    message = raises_one_line(JobError, tiny_bert.check_window, 100000, 32)
     assert "model.max_length" in message and "100000" in message and "128" in message
 
 
 @pytest.mark.parametrize("max_length, stride", [(64, 62), (64, 100), (None, 126)])
 def test_stride_without_room_in_the_window(tiny_bert, max_length, stride):
-    message = _raises(JobError, tiny_bert.check_window, max_length, stride)
+    message = raises_one_line(JobError, tiny_bert.check_window, max_length, stride)
     assert "model.stride" in message and str(stride) in message
 
 
@@ -151,33 +144,33 @@ def test_local_only_rule(tmp_path, name, local):
 @pytest.mark.parametrize("path", ["data/corpsu.jsonl", "./corpsu", "corpus/sub/file"])
 def test_corpus_typo_is_a_missing_file(tmp_path, path):
     start = time.monotonic()
-    message = _raises(CorpusError, _open, tmp_path, path=path)
+    message = raises_one_line(CorpusError, _open, tmp_path, path=path)
     assert message == f"corpus file not found: {(tmp_path / path).absolute()}"
     assert time.monotonic() - start < 5
 
 
 def test_corpus_typo_under_existing_folder(tmp_path):
     (tmp_path / "data").mkdir()
-    message = _raises(CorpusError, _open, tmp_path, path="data/corpsu")
+    message = raises_one_line(CorpusError, _open, tmp_path, path="data/corpsu")
     assert message == f"corpus file not found: {tmp_path / 'data' / 'corpsu'}"
 
 
 @pytest.mark.parametrize("name", ["./models/bert-tiny", "models/mybert", "a/b/c"])
 def test_model_typo_is_a_missing_path(tmp_path, name):
     (tmp_path / "models").mkdir()
-    message = _raises(ModelError, load_model, name, base_dir=tmp_path, device="cpu")
+    message = raises_one_line(ModelError, load_model, name, base_dir=tmp_path, device="cpu")
     assert message == f"model path does not exist: {(tmp_path / name).absolute()}"
 
 
 def test_model_path_is_a_file(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
-    message = _raises(ModelError, load_model, "model.safetensors", base_dir=tmp_path, device="cpu")
+    message = raises_one_line(ModelError, load_model, "model.safetensors", base_dir=tmp_path, device="cpu")
     assert str(tmp_path / "model.safetensors") in message
 
 
 def test_hub_like_model_name_shows_the_local_path_tried(tmp_path, hub_env_offline):
     start = time.monotonic()
-    message = _raises(ModelError, load_model, "no-such-org/no-such-model", base_dir=tmp_path, device="cpu")
+    message = raises_one_line(ModelError, load_model, "no-such-org/no-such-model", base_dir=tmp_path, device="cpu")
     assert f"(tried {tmp_path / 'no-such-org' / 'no-such-model'})" in message
     assert "'no-such-org/no-such-model'" in message and "Hub" in message
     assert time.monotonic() - start < 10  # no retries while HF_HUB_OFFLINE is set
@@ -185,7 +178,7 @@ def test_hub_like_model_name_shows_the_local_path_tried(tmp_path, hub_env_offlin
 
 def test_hub_like_corpus_name_shows_the_local_path_tried(tmp_path, hub_env_offline):
     start = time.monotonic()
-    message = _raises(CorpusError, _open, tmp_path, path="no-such-org/no-such-corpus")
+    message = raises_one_line(CorpusError, _open, tmp_path, path="no-such-org/no-such-corpus")
     assert f"(tried {tmp_path / 'no-such-org' / 'no-such-corpus'})" in message
     assert "Hub" in message
     assert time.monotonic() - start < 10
@@ -195,7 +188,7 @@ def test_hub_like_corpus_name_shows_the_local_path_tried(tmp_path, hub_env_offli
 
 def test_parquet_file_that_is_text(tmp_path):
     (tmp_path / "c.parquet").write_text("text\nhello\n")
-    message = _raises(CorpusError, _open, tmp_path, path="c.parquet")
+    message = raises_one_line(CorpusError, _open, tmp_path, path="c.parquet")
     assert str(tmp_path / "c.parquet") in message and "is not a Parquet file" in message
 
 
@@ -204,7 +197,7 @@ def test_damaged_parquet_in_a_folder_is_named(tmp_path):
     folder.mkdir()
     datasets.Dataset.from_list(ROWS).to_parquet(str(folder / "a.parquet"))
     (folder / "b.parquet").write_bytes(b"PAR1" + b"\0" * 16 + b"PAR1")
-    message = _raises(CorpusError, _open, tmp_path, path="docs")
+    message = raises_one_line(CorpusError, _open, tmp_path, path="docs")
     assert str(folder / "b.parquet") in message
 
 
@@ -214,7 +207,7 @@ def test_damaged_parquet_in_a_folder_is_named(tmp_path):
 ])
 def test_invalid_json(tmp_path, name, content):
     (tmp_path / name).write_text(content)
-    message = _raises(CorpusError, _open, tmp_path, path=name)
+    message = raises_one_line(CorpusError, _open, tmp_path, path=name)
     assert str(tmp_path / name) in message
 
 
@@ -223,13 +216,13 @@ def test_invalid_json_in_a_folder_names_the_file(tmp_path):
     folder.mkdir()
     _jsonl(folder / "a.jsonl")
     (folder / "b.jsonl").write_text('{"text": "ok"}\n{"text": \n')
-    message = _raises(CorpusError, _open, tmp_path, path="docs")
+    message = raises_one_line(CorpusError, _open, tmp_path, path="docs")
     assert str(folder / "b.jsonl") in message
 
 
 def test_csv_without_the_text_column(tmp_path):
     (tmp_path / "c.csv").write_text("id,topic\n1,a\n")
-    message = _raises(CorpusError, _open, tmp_path, path="c.csv")
+    message = raises_one_line(CorpusError, _open, tmp_path, path="c.csv")
     assert "corpus.text_column" in message and "c.csv" in message and "columns: id, topic" in message
 
 
@@ -237,13 +230,13 @@ def test_csv_without_the_text_column(tmp_path):
 def test_csv_first_row_longer_than_header(tmp_path, content):
     """pandas would take the extra fields for an index and shift the text column silently."""
     (tmp_path / "c.csv").write_text(content)
-    message = _raises(CorpusError, _open, tmp_path, path="c.csv")
+    message = raises_one_line(CorpusError, _open, tmp_path, path="c.csv")
     assert str(tmp_path / "c.csv") in message and "header" in message
 
 
 def test_csv_unterminated_quote(tmp_path):
     (tmp_path / "c.csv").write_text('text\n"never closed\n')
-    message = _raises(CorpusError, _open, tmp_path, path="c.csv")
+    message = raises_one_line(CorpusError, _open, tmp_path, path="c.csv")
     assert str(tmp_path / "c.csv") in message
 
 
@@ -270,7 +263,7 @@ def test_damaged_save_to_disk_folder(tmp_path, damage):
     folder = tmp_path / "saved"
     datasets.Dataset.from_list(ROWS).save_to_disk(str(folder))
     damage(folder)
-    message = _raises(CorpusError, _open, tmp_path, path="saved")
+    message = raises_one_line(CorpusError, _open, tmp_path, path="saved")
     assert str(folder) in message
 
 

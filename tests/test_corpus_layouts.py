@@ -16,21 +16,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from attnpipe.corpus import Corpus, open_corpus
-from attnpipe.errors import AttnpipeError, CorpusError, JobError
+from attnpipe.errors import CorpusError, JobError
 from attnpipe.executor.local import run_job
 from attnpipe.inspect import open_table
 from attnpipe.job import CorpusSpec, load_job
 from attnpipe.store.plan import make_plan
 
-from conftest import invoke, write_job
+from conftest import invoke, raises_one_line, write_job
 
 
-def _raises(kind: type[AttnpipeError], call, *args, **kwargs) -> str:
-    with pytest.raises(kind) as info:
-        call(*args, **kwargs)
-    message = str(info.value)
-    assert message and "\n" not in message, message
-    return message
 
 
 def _docs(base: Path, **spec) -> list[tuple[str, str | None, int | None]]:
@@ -90,13 +84,13 @@ def test_windows_line_endings(tmp_path):
 
 def test_text_unit_is_for_text_files_only(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"text": "a"}\n')
-    message = _raises(CorpusError, open_corpus, CorpusSpec(path="c.jsonl", text_unit="line"), tmp_path)
+    message = raises_one_line(CorpusError, open_corpus, CorpusSpec(path="c.jsonl", text_unit="line"), tmp_path)
     assert "corpus.text_unit" in message and "c.jsonl" in message
 
 
 def test_text_unit_is_validated(tmp_path):
     (tmp_path / "job.toml").write_text('[corpus]\npath = "docs"\ntext_unit = "para"\n')
-    message = _raises(JobError, load_job, tmp_path / "job.toml")
+    message = raises_one_line(JobError, load_job, tmp_path / "job.toml")
     assert "corpus.text_unit" in message and "'paragraph'" in message and "'para'" in message
 
 
@@ -153,13 +147,13 @@ def test_corpus_of_blank_documents_is_refused_alike(tmp_path, name, content, spe
         (tmp_path / "docs" / "b.txt").write_text("")
     else:
         (tmp_path / name).write_text(content)
-    message = _raises(CorpusError, open_corpus, CorpusSpec(path=name, **spec), tmp_path)
+    message = raises_one_line(CorpusError, open_corpus, CorpusSpec(path=name, **spec), tmp_path)
     assert message.startswith(f"corpus {name} has no text: no rows, or only empty or whitespace documents")
 
 
 def test_limit_of_blank_documents_is_refused(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"text": ""}\n{"text": "real"}\n')
-    assert "(1 rows (corpus.limit)" in _raises(CorpusError, open_corpus, CorpusSpec(path="c.jsonl", limit=1), tmp_path)
+    assert "(1 rows (corpus.limit)" in raises_one_line(CorpusError, open_corpus, CorpusSpec(path="c.jsonl", limit=1), tmp_path)
     assert len(open_corpus(CorpusSpec(path="c.jsonl"), tmp_path)) == 2  # one empty document among text: fine
 
 
@@ -169,21 +163,21 @@ def test_limit_of_blank_documents_is_refused(tmp_path):
                                          (True, "a boolean")])
 def test_non_string_text_in_json_is_refused(tmp_path, value, kind):
     (tmp_path / "c.jsonl").write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": value}) + "\n")
-    message = _raises(CorpusError, open_corpus, CorpusSpec(path="c.jsonl"), tmp_path)
+    message = raises_one_line(CorpusError, open_corpus, CorpusSpec(path="c.jsonl"), tmp_path)
     assert f"{tmp_path / 'c.jsonl'}, line 2" in message and "'text'" in message and kind in message
 
 
 @pytest.mark.parametrize("column", [pa.array([1, 2]), pa.array([[1], [2]]), pa.array([b"a", b"b"])])
 def test_non_string_text_in_parquet_is_refused(tmp_path, column):
     pq.write_table(pa.table({"text": column}), tmp_path / "c.parquet")
-    message = _raises(CorpusError, open_corpus, CorpusSpec(path="c.parquet"), tmp_path)
+    message = raises_one_line(CorpusError, open_corpus, CorpusSpec(path="c.parquet"), tmp_path)
     assert "corpus.text_column 'text'" in message and "row 0 (c.parquet, record 1)" in message
     assert str(column.type) in message
 
 
 def test_mixed_types_in_a_column_are_refused(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"text": "a", "n": 1}\n{"text": "b", "n": "two"}\n')
-    message = _raises(CorpusError, open_corpus, CorpusSpec(path="c.jsonl", metadata_columns=["n"]), tmp_path)
+    message = raises_one_line(CorpusError, open_corpus, CorpusSpec(path="c.jsonl", metadata_columns=["n"]), tmp_path)
     assert "'n' mixes types: a number (line 1) and a string (line 2)" in message
 
 
@@ -195,16 +189,16 @@ def test_numbers_in_a_csv_text_column_are_text(tmp_path):
 @pytest.mark.parametrize("value", [[1, 2], {"a": 1}])
 def test_non_scalar_ids_are_refused(tmp_path, value):
     (tmp_path / "c.jsonl").write_text(json.dumps({"text": "a", "id": 1}) + "\n" + json.dumps({"text": "b", "id": value}))
-    message = _raises(CorpusError, open_corpus, CorpusSpec(path="c.jsonl", id_column="id"), tmp_path)
+    message = raises_one_line(CorpusError, open_corpus, CorpusSpec(path="c.jsonl", id_column="id"), tmp_path)
     assert "line 2" in message and "corpus.id_column 'id'" in message
     pq.write_table(pa.table({"text": ["a"], "id": [value]}), tmp_path / "c.parquet")
-    message = _raises(CorpusError, open_corpus, CorpusSpec(path="c.parquet", id_column="id"), tmp_path)
+    message = raises_one_line(CorpusError, open_corpus, CorpusSpec(path="c.parquet", id_column="id"), tmp_path)
     assert "corpus.id_column 'id'" in message and "strings or numbers" in message
 
 
 def test_duplicate_csv_header_is_refused(tmp_path):
     (tmp_path / "c.csv").write_text("text,text\nfirst,second\n")
-    message = _raises(CorpusError, open_corpus, CorpusSpec(path="c.csv"), tmp_path)
+    message = raises_one_line(CorpusError, open_corpus, CorpusSpec(path="c.csv"), tmp_path)
     assert "'text' twice (columns 1 and 2)" in message and "c.csv" in message
 
 
@@ -220,13 +214,13 @@ def test_byte_order_mark_is_dropped(tmp_path, name, content, spec):
                                         ("c.txt", {})])
 def test_compressed_input_is_named(tmp_path, name, spec):
     (tmp_path / name).write_bytes(gzip.compress(b'{"text": "a"}\n'))
-    message = _raises(CorpusError, open_corpus, CorpusSpec(path=name, **spec), tmp_path)
+    message = raises_one_line(CorpusError, open_corpus, CorpusSpec(path=name, **spec), tmp_path)
     assert "gzip-compressed" in message and str(tmp_path / name) in message
 
 
 def test_bad_jsonl_line_is_named(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"text": "a"}\n{"text": \n{"text": "c"}\n')
-    message = _raises(CorpusError, open_corpus, CorpusSpec(path="c.jsonl"), tmp_path)
+    message = raises_one_line(CorpusError, open_corpus, CorpusSpec(path="c.jsonl"), tmp_path)
     assert f"{tmp_path / 'c.jsonl'}, line 2: not valid JSON" in message
 
 
@@ -236,14 +230,14 @@ def test_dangling_symlink_in_folder_is_named(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.txt").write_text("hello")
     os.symlink(tmp_path / "nowhere.txt", tmp_path / "docs" / "b.txt")
-    message = _raises(CorpusError, open_corpus, CorpusSpec(path="docs"), tmp_path)
+    message = raises_one_line(CorpusError, open_corpus, CorpusSpec(path="docs"), tmp_path)
     assert str(tmp_path / "docs" / "b.txt") in message and "dangling symlink" in message
 
 
 def test_symlink_loop_in_folder_is_named(tmp_path):
     (tmp_path / "docs").mkdir()
     os.symlink("loop.txt", tmp_path / "docs" / "loop.txt")
-    message = _raises(CorpusError, open_corpus, CorpusSpec(path="docs"), tmp_path)
+    message = raises_one_line(CorpusError, open_corpus, CorpusSpec(path="docs"), tmp_path)
     assert str(tmp_path / "docs" / "loop.txt") in message and "symlink loop" in message
 
 
@@ -251,14 +245,14 @@ def test_folder_link_loop_under_recursive_glob_is_refused(tmp_path):
     (tmp_path / "docs" / "sub").mkdir(parents=True)
     (tmp_path / "docs" / "a.txt").write_text("hello")
     os.symlink("..", tmp_path / "docs" / "sub" / "up")
-    message = _raises(CorpusError, open_corpus, CorpusSpec(path="docs/**/*.txt"), tmp_path)
+    message = raises_one_line(CorpusError, open_corpus, CorpusSpec(path="docs/**/*.txt"), tmp_path)
     assert "loop" in message and str(tmp_path / "docs" / "sub" / "up") in message
 
 
 @pytest.mark.parametrize("target", ["loop", "missing"])
 def test_broken_corpus_path_is_local_not_a_hub_name(tmp_path, target):
     os.symlink(target, tmp_path / "loop")  # "loop" -> itself, or to nothing
-    message = _raises(CorpusError, open_corpus, CorpusSpec(path="loop"), tmp_path)
+    message = raises_one_line(CorpusError, open_corpus, CorpusSpec(path="loop"), tmp_path)
     assert str(tmp_path / "loop") in message and "Hub" not in message
     assert ("symlink loop" if target == "loop" else "dangling symlink") in message
 
@@ -277,7 +271,7 @@ def test_broken_corpus_path_is_local_not_a_hub_name(tmp_path, target):
 ])
 def test_bad_job_values(tmp_path, body, key):
     (tmp_path / "job.toml").write_text(body)
-    assert f"'{key}'" in _raises(JobError, load_job, tmp_path / "job.toml")
+    assert f"'{key}'" in raises_one_line(JobError, load_job, tmp_path / "job.toml")
 
 
 def test_job_file_with_byte_order_mark(tmp_path):
@@ -311,6 +305,6 @@ def test_mixed_text_in_a_saved_dataset_is_refused(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"text": "a b"}\n{"text": 5}\n')
     datasets.load_dataset("json", data_files=[str(tmp_path / "c.jsonl")], split="train").save_to_disk(
         str(tmp_path / "saved"))
-    message = _raises(CorpusError, open_corpus, CorpusSpec(path="saved"), tmp_path)
+    message = raises_one_line(CorpusError, open_corpus, CorpusSpec(path="saved"), tmp_path)
     assert "corpus.text_column 'text'" in message and "mixed types (int among strings)" in message
     assert "row 1" in message

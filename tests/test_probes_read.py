@@ -16,7 +16,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from attnpipe.errors import OutputError, QueryError, ReadError
+from attnpipe.errors import OutputError
 from attnpipe.executor.local import run_job
 from attnpipe.job import load_job
 from attnpipe.read import open_dataset
@@ -245,7 +245,7 @@ def test_edited_totals_fail_verify_and_status(out, key, value):
             r[key] = value
     edit_record(out, change)
     result = invoke("verify", out)
-    assert result.exit_code == 1 and f"shard-00000.json" in result.output
+    assert result.exit_code == 1 and "shard-00000.json" in result.output
     assert "files hold" in one_line_error(invoke("status", out))
 
 
