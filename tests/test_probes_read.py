@@ -169,17 +169,38 @@ def test_damaged_file_found_even_after_a_clean_check_in_the_process(out):
 def test_verified_files_are_remembered_across_processes(out, monkeypatch):
     """A later command (a new process: the in-process set is empty) does not hash again what
     an earlier one verified, until a file changes."""
-    import attnpipe.store.verify as verify
+    import attnpipe.store.verified as verified
 
     records = open_dataset(out).records
     assert check_committed(out, records) > 0
-    monkeypatch.setattr(verify, "_VERIFIED", set())
+    monkeypatch.setattr(verified, "_VERIFIED", set())
+    monkeypatch.setattr(verified, "_LOADED", set())
     assert check_committed(out, records) == 0  # from the cache file
     victim = committed_files(out, "tokens")[0]
     flip(victim)
-    monkeypatch.setattr(verify, "_VERIFIED", set())
+    monkeypatch.setattr(verified, "_VERIFIED", set())
+    monkeypatch.setattr(verified, "_LOADED", set())
     with pytest.raises(OutputError, match="damaged"):
         check_committed(out, records)
+
+
+def test_rerun_recovery_hashes_only_files_not_verified_before(out, monkeypatch):
+    """recover() (every rerun) compares sha256 but skips files a reader or an earlier run already
+    verified; a changed file is still found."""
+    import attnpipe.store.verified as verified
+    from attnpipe.store.dataset import recover
+
+    hashed = []
+    real = verified.sha256_of
+    monkeypatch.setattr(verified, "sha256_of", lambda p: (hashed.append(p), real(p))[1])
+    n = len(recover(out))
+    first = len(hashed)
+    assert first == len(committed_files(out))
+    monkeypatch.setattr(verified, "_VERIFIED", set())  # a new process ...
+    monkeypatch.setattr(verified, "_LOADED", set())
+    assert len(recover(out)) == n and len(hashed) == first  # ... hashes nothing again
+    flip(committed_files(out, "tokens")[0])
+    assert len(recover(out)) == n - 1 and len(hashed) == first + 1
 
 
 def test_hash_budget_bounds_the_readers_check(out):

@@ -20,6 +20,7 @@ from ..errors import OutputError
 from .commit import read_record, record_names
 from .location import Location, as_location
 from .dataset import check_format, data_files, read_info
+from . import verified
 from .schema import table_schema
 from .writer import sha256_of
 
@@ -138,46 +139,10 @@ def verify(out: Location | Path | str) -> Report:
 
 # --- the readers' check: cheap enough to run before every read -----------------------------------
 
-# Committed files never change (their names carry the attempt), so a file hashed once is trusted
-# while its size, mtime and inode stay the same: in this process, and across processes through a
-# small file per dataset in the user's cache ($ATTNPIPE_CACHE, default ~/.cache/attnpipe), so a
-# large dataset is hashed once, a budget's worth per command, not on every query.
-_VERIFIED: set[tuple] = set()
 # sha256 runs at about 1 GB/s here; above this many bytes per open, the rest get size checks only
-# this time (`attnpipe verify` hashes everything).
+# this time (`attnpipe verify` hashes everything). Files verified before are not hashed again
+# (verified.py remembers them across processes).
 HASH_BUDGET = 2 << 30
-
-
-def _verified_file(root: Path) -> Path:
-    import hashlib
-    import os
-
-    base = Path(os.environ.get("ATTNPIPE_CACHE") or Path.home() / ".cache" / "attnpipe")
-    return base / "verified" / (hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16] + ".json")
-
-
-def _load_verified(root: Path) -> None:
-    import json
-
-    try:
-        _VERIFIED.update(tuple(k) for k in json.loads(_verified_file(root).read_text()))
-    except (OSError, ValueError, TypeError):
-        pass  # no cache yet, or unreadable: hash again
-
-
-def _save_verified(root: Path) -> None:
-    import json
-    import os
-
-    path = _verified_file(root)
-    prefix = str(root.resolve())
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(sorted(list(k) for k in _VERIFIED if k[0].startswith(prefix))))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a cache that cannot be written only costs hashing again next time
 
 
 def check_committed(out: Location | Path | str, records: dict[int, dict], budget: int = HASH_BUDGET) -> int:
@@ -189,25 +154,23 @@ def check_committed(out: Location | Path | str, records: dict[int, dict], budget
     if not loc.local:
         return 0
     hashed, root = 0, Path(loc.root)
-    _load_verified(root)
+    verified.load(root)
     for _, record in sorted(records.items()):
         for f in record["files"]:
-            path = Path(loc.path(f["path"])).resolve()
+            path = Path(loc.path(f["path"]))
             try:
-                st = path.stat()
+                key = verified.key(path, f["sha256"])
             except OSError:
                 raise _damaged(loc, f"{f['path']} is missing") from None
-            if st.st_size != f["bytes"]:
-                raise _damaged(loc, f"{f['path']} has {st.st_size} bytes, its record says {f['bytes']}")
-            key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino, f["sha256"])
-            if key in _VERIFIED or hashed + st.st_size > budget:
+            if key[1] != f["bytes"]:
+                raise _damaged(loc, f"{f['path']} has {key[1]} bytes, its record says {f['bytes']}")
+            if verified.known(key) or hashed + key[1] > budget:
                 continue
-            hashed += st.st_size
-            if sha256_of(path) != f["sha256"]:
+            hashed += key[1]
+            if not verified.check(path, f["sha256"], key):
                 raise _damaged(loc, f"{f['path']} differs from its record's sha256")
-            _VERIFIED.add(key)
     if hashed:
-        _save_verified(root)
+        verified.save(root)
     return hashed
 
 
