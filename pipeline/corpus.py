@@ -59,7 +59,7 @@ def _parquet_rows(path: Path) -> int:
 
 
 def _wanted(spec: CorpusSpec) -> list[str]:
-    cols = [spec.text_column] + ([spec.target_column] if spec.target_column else [])
+    cols = [spec.text_column] + [c for c in (spec.target_column, spec.context_column) if c]
     cols += ([spec.id_column] if spec.id_column else []) + list(spec.metadata_columns)
     return list(dict.fromkeys(cols))
 
@@ -187,6 +187,7 @@ def _check_columns(columns: list[str], spec: CorpusSpec) -> None:
     cols = [c for c in columns if c not in SOURCE_COLUMNS]
     wanted = [("corpus.text_column", spec.text_column)]
     wanted += [("corpus.target_column", spec.target_column)] if spec.target_column else []
+    wanted += [("corpus.context_column", spec.context_column)] if spec.context_column else []
     wanted += [("corpus.id_column", spec.id_column)] if spec.id_column else []
     wanted += [("corpus.metadata_columns", c) for c in spec.metadata_columns]
     for key, col in wanted:
@@ -212,6 +213,8 @@ def _check_types(ds: datasets.Dataset, spec: CorpusSpec) -> None:
     checks = [("corpus.text_column", spec.text_column, is_text, "strings")]
     if spec.target_column:
         checks.append(("corpus.target_column", spec.target_column, is_text, "strings"))
+    if spec.context_column:
+        checks.append(("corpus.context_column", spec.context_column, is_text, "strings"))
     if spec.id_column:
         checks.append(("corpus.id_column", spec.id_column,
                        lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
@@ -291,7 +294,8 @@ class ShardDocs:
     text_sha1: list[str]
     occurrence: np.ndarray  # (docs,) 1 = first document with this text
     chars: np.ndarray  # (docs,) characters of each text
-    target_sha1: list[str] | None = None  # of each target text, in encoder-decoder pair runs
+    # of each target text in encoder-decoder pair runs, of each context in generate runs
+    target_sha1: list[str] | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -383,7 +387,7 @@ class Corpus:
         ids = self.ids(rows)
         order = np.argsort(np.array(ids, dtype=object), kind="stable")
         rows = rows[order]
-        targets = self.targets(rows)
+        targets = self.targets(rows) if self.spec.target_column else self.contexts(rows)
         return ShardDocs(index, rows, [ids[i] for i in order], self.sha1(rows), self.occurrence[rows], self.chars[rows],
                          None if targets is None else [text_sha1(t) for t in targets])
 
@@ -395,6 +399,12 @@ class Corpus:
         if not self.spec.target_column:
             return None
         return [_as_text(v) for v in self.table.column(self.spec.target_column).take(pa.array(rows)).to_pylist()]
+
+    def contexts(self, rows: np.ndarray) -> list[str] | None:
+        """The context texts of `rows` (corpus.context_column, generate runs), None without one."""
+        if not self.spec.context_column:
+            return None
+        return [_as_text(v) for v in self.table.column(self.spec.context_column).take(pa.array(rows)).to_pylist()]
 
     def metadata(self, rows: np.ndarray) -> dict[str, pa.Array]:
         """Metadata columns of `rows`, with their corpus Arrow types."""

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import re
+import string
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +48,10 @@ class CorpusSpec(_Section):
     # Encoder-decoder models: the column of each document's target text. The decoder then runs
     # teacher-forced over it, and its self- and cross-attention are captured (pipeline/pairs.py).
     target_column: str | None = None
+    # Generate runs ([generate]): the column of each document's context, which generate.template
+    # places in the prompt as {context}; its tokens are the `context` segment that the grounding
+    # table's lookback ratios measure attention on.
+    context_column: str | None = None
     id_column: str | None = None
     metadata_columns: list[str] = Field(default_factory=list)
     limit: int | None = Field(default=None, ge=1)
@@ -145,12 +150,47 @@ class RunSpec(_Section):
         return value
 
 
+class GenerateSpec(_Section):
+    """[generate]: decoder models write what they generate for each document's prompt, and the
+    attention of every decoding step (pipeline/generate)."""
+
+    # The user message: the corpus text as {text}, the context column's as {context}; without a
+    # template the text alone. Literal braces are doubled ({{ }}).
+    template: str | None = None
+    # A system message, placed by the chat template (or before the prompt without one).
+    system: str | None = None
+    # The tokenizer's chat template: used when it has one unless set to false.
+    chat_template: bool = True
+    max_new_tokens: int = Field(default=64, ge=1)
+    # Greedy by default; sample = true draws from softmax(logits / temperature), restricted to the
+    # top_k tokens (0: all) and the top_p nucleus, with a generator seeded per document from `seed`
+    # and its doc_id, so a document's text does not depend on the batch it ran in.
+    sample: bool = False
+    temperature: float = Field(default=1.0, gt=0.0)
+    top_k: int = Field(default=0, ge=0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int = 0
+    # Generation ends at an end-of-sequence token, at a stop string (kept in the text), or after
+    # max_new_tokens.
+    stop: list[str] = Field(default_factory=list)
+    # Documents generated together (left-padded, one KV cache).
+    batch_size: int = Field(default=8, ge=1)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: list[str]) -> list[str]:
+        if any(not s for s in value):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+
 class JobSpec(_Section):
     name: str = "job"
     description: str = ""
     corpus: CorpusSpec
     model: ModelSpec = Field(default_factory=ModelSpec)
     run: RunSpec = Field(default_factory=RunSpec)
+    generate: GenerateSpec | None = None
     # The default recipe set: head statistics, the 8 strongest keys of each query on the head
     # mean, and rollout's 8 strongest keys: about 210 bytes per token at the default precision.
     recipes: list[dict[str, Any]] = Field(default_factory=lambda: [
@@ -174,7 +214,8 @@ class JobSpec(_Section):
         rerun), a local model by its weights' sha256 (checked the same way), so their paths are
         left out; so is `corpus.limit`, since a larger limit only appends rows (a smaller one is
         refused by the plan). Not the name, output folder, device, batch size or progress."""
-        unset = {"target_column"} if self.corpus.target_column is None else set()  # jobs without one keep theirs
+        # jobs without them keep their fingerprints
+        unset = {k for k in ("target_column", "context_column") if getattr(self.corpus, k) is None}
         corpus = self.corpus.model_dump(exclude={"limit"} | unset)
         if self.corpus.format != "hub" and (is_local_only(self.corpus.path, Path(self.base_dir))
                                             or self.resolve(self.corpus.path).exists()):
@@ -185,10 +226,13 @@ class JobSpec(_Section):
         model = self.model.model_dump()
         if self.resolve(self.model.name).exists():
             model["name"] = "(local folder)"
-        return {"corpus": corpus, "model": model,
+        parts = {"corpus": corpus, "model": model,
                 "run": {"num_shards": self.run.num_shards, "weight_dtype": self.run.weight_dtype},
                 "recipes": [{**r, "version": RECIPES[r["name"]].version} for r in self.recipes],
                 "versions": {"attnpipe": __version__, "format": FORMAT_VERSION, "schema": SCHEMA_VERSION}}
+        if self.generate is not None:  # jobs without one keep their fingerprint
+            parts["generate"] = self.generate.model_dump(exclude={"batch_size"})
+        return parts
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.fingerprint_parts(), sort_keys=True, default=str)
@@ -269,6 +313,7 @@ def build_job(data: dict, source: str = "job", base_dir: str | Path = ".",
             raise JobError(f"{source}: recipes[{i}] repeats recipes[{first}] ({recipe_id(r)}), which "
                            "would store every row twice; remove one or change its parameters")
     _check_metadata_columns(job.corpus, source)
+    _check_generate(job, source)
     _check_factory(job.model, source)
     if job.model.max_length is not None and job.model.stride >= job.model.max_length - 2:
         raise JobError(f"{source}: 'model.stride' ({job.model.stride}) must be smaller than "
@@ -341,6 +386,52 @@ def _check_factory(model: ModelSpec, source: str) -> None:
             spec.path()
         except ValueError as exc:
             raise JobError(f"{where}.weights' {spec.weights!r}: {exc}") from None
+
+
+def template_fields(template: str) -> list[str]:
+    """The placeholders of a generate.template, in order; ValueError for a malformed one."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+
+
+def _check_generate(job: JobSpec, source: str) -> None:
+    """[generate] and corpus.context_column: refused before any model loads."""
+    gen, corpus = job.generate, job.corpus
+    if gen is None:
+        if corpus.context_column is not None:
+            raise JobError(f"{source}: 'corpus.context_column' is for generate runs; add a [generate] section "
+                           "whose template places {context}, or remove context_column")
+        return
+    if job.model.factory is not None:
+        raise JobError(f"{source}: [generate] runs transformers language models; a model.factory model cannot be "
+                       "generated from: remove [generate] or model.factory")
+    if corpus.target_column is not None:
+        raise JobError(f"{source}: 'corpus.target_column' and [generate] are both set; a generate run writes its "
+                       "own text from a decoder model: remove one of them")
+    if corpus.context_column is not None and corpus.context_column in (corpus.text_column, corpus.id_column,
+                                                                      *corpus.metadata_columns):
+        raise JobError(f"{source}: 'corpus.context_column' {corpus.context_column!r} is also the text, id or a "
+                       "metadata column; the context needs a column of its own")
+    fields: list[str] = []
+    if gen.template is not None:
+        try:
+            fields = template_fields(gen.template)
+        except ValueError as exc:
+            raise JobError(f"{source}: 'generate.template': {exc}; write placeholders as {{text}} and {{context}}, "
+                           "literal braces as {{{{ and }}}}") from None
+        unknown = [f for f in fields if f not in ("text", "context")]
+        if unknown:
+            raise JobError(f"{source}: 'generate.template' has the placeholder {{{unknown[0]}}}; valid: {{text}} (the "
+                           "corpus text), {{context}} (corpus.context_column)")
+        if "text" not in fields:
+            raise JobError(f"{source}: 'generate.template' does not place {{text}}, the document's text; add it")
+        if len(fields) != len(set(fields)):
+            raise JobError(f"{source}: 'generate.template' places a field twice; place {{text}} and {{context}} once each")
+    if corpus.context_column is not None and "context" not in fields:
+        raise JobError(f"{source}: 'corpus.context_column' is set but generate.template does not place {{context}}; "
+                       "add it to the template (e.g. template = \"{context}\\n\\nQuestion: {text}\")")
+    if "context" in fields and corpus.context_column is None:
+        raise JobError(f"{source}: 'generate.template' places {{context}} but corpus.context_column is not set; "
+                       "name the column that holds each document's context")
 
 
 def _check_metadata_columns(corpus: CorpusSpec, source: str) -> None:

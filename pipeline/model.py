@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from . import capture, hub
 from .hub import BUILTIN_NAMES, DEFAULT_MODEL, builtin_model_dir, weights_sha256  # noqa: F401 (re-exported)
@@ -321,12 +321,24 @@ def _is_punct(token: str | None) -> bool:
     return bool(text) and all(unicodedata.category(c).startswith("P") for c in text)
 
 
+def _can_generate(config) -> bool:
+    """A decoder-only architecture with a causal language-model class (not an encoder like BERT,
+    whose LM head class exists but whose attention is bidirectional)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    encoders = {"bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie", "xmod", "roc_bert",
+                "megatron-bert", "bert-generation", "data2vec-text", "rembert", "roformer", "big_bird"}
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in encoders
+
+
 def load_model(name: str, *, base_dir: Path = Path("."), revision: str | None = None,
                dtype: str = "float32", device: str = "auto", trust_remote_code: bool = False,
                allow_pickle: bool = False, backend: str = "auto", factory: str | None = None,
-               allow_code: bool = False, attention_modules: list | None = None) -> LoadedModel:
+               allow_code: bool = False, attention_modules: list | None = None,
+               language_model: bool = False) -> LoadedModel:
     """Load from the embedded default, a local directory or the hub, or build with a factory
-    (pipeline/factory.py; only with allow_code). Raises ModelError."""
+    (pipeline/factory.py; only with allow_code). `language_model`: with its language-model head
+    (AutoModelForCausalLM), for generate runs. Raises ModelError."""
     if factory is not None:
         if not allow_code:
             raise JobError(f"model.factory runs Python code ({factory}); set model.allow_code = true if you trust it")
@@ -350,12 +362,16 @@ def load_model(name: str, *, base_dir: Path = Path("."), revision: str | None = 
              f"and the Hugging Face Hub{' (HF_HUB_OFFLINE is set)' if hub.offline() else ''} could not provide it")
     with hub.honour_offline():
         with _load_errors(name, where):
-            AutoConfig.from_pretrained(source, **kwargs)
+            config = AutoConfig.from_pretrained(source, **kwargs)
+        if language_model and (config.is_encoder_decoder or not _can_generate(config)):
+            raise ModelError(f"[generate] needs a decoder language model (GPT-2, Llama, SmolLM2-135M-Instruct, ...); "
+                             f"{name} ({config.model_type}) is not one: remove [generate] or choose such a model")
         with _load_errors(name, where, f"reading {_tokenizer_file(source)}" if local else "its tokenizer"):
             tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True, **kwargs)
         with _load_errors(name, where, f"reading {_weight_files(source)}" if local else "its weights"):
             # Size mismatches are reported below with their key, not raised from deep inside.
-            model, info = AutoModel.from_pretrained(
+            auto = AutoModelForCausalLM if language_model else AutoModel
+            model, info = auto.from_pretrained(
                 source, dtype=DTYPES[dtype], attn_implementation=capture.BACKEND, output_loading_info=True,
                 ignore_mismatched_sizes=True, use_safetensors=None if allow_pickle else True, **kwargs)
     _check_weights_match(model, info, name, source)

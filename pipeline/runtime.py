@@ -30,7 +30,8 @@ def load_job_model(job: JobSpec) -> "LoadedModel":
     return load_model(m.name, base_dir=Path(job.base_dir), revision=m.revision, dtype=m.dtype,
                       device=job.run.device, trust_remote_code=m.trust_remote_code,
                       allow_pickle=m.allow_pickle, backend=job.run.attention, factory=m.factory,
-                      allow_code=m.allow_code, attention_modules=m.attention_modules)
+                      allow_code=m.allow_code, attention_modules=m.attention_modules,
+                      language_model=job.generate is not None)
 
 
 @dataclass
@@ -53,6 +54,10 @@ class Runtime:
         from .pairs import check_pairs  # imports torch, as the model did
 
         pairs = check_pairs(job, model)  # corpus.target_column: an encoder-decoder's teacher-forced target
+        if job.generate is not None:
+            from .generate.check import check_generate
+
+            pairs = {**pairs, **check_generate(job, model)}
         provenance = {**model.provenance, **pairs, "job": job.name, "job_fingerprint": job.fingerprint(),
                       "window_length": window, "stride": job.model.stride,
                       "window_from": "model.max_length" if job.model.max_length else model.default_window[1],

@@ -295,6 +295,10 @@ def run_shard(job: JobSpec, spec: ShardSpec, rt: Runtime, out: Location | Path |
 
 def _write_documents(writer: ShardWriter, rt: Runtime, docs: ShardDocs, progress: Progress | None) -> dict:
     """Every document of the shard, chunk by chunk, through the model and into the writer."""
+    if rt.job.generate is not None:
+        from .generate.run import write_generations
+
+        return write_generations(writer, rt, docs, progress)
     counts = {"tokens": 0, "windows": 0, "empty": 0, "oom_halvings": 0}
     pool = WindowPool(rt.job.run.batch_tokens)
     remaining = np.zeros(len(docs.rows), dtype=np.int64)  # windows of each document not yet reduced

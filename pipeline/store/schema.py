@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from ..errors import AttnpipeError
 
-SCHEMA_VERSION = 3  # every table's version; bumped together when the on-disk format changes
+SCHEMA_VERSION = 4  # every table's version; bumped together when the on-disk format changes
 WEIGHT_TYPES = {"float16": pa.float16(), "bfloat16": pa.float32(), "float32": pa.float32()}
 _TYPES = {
     "string": pa.string(), "bool": pa.bool_(), "int16": pa.int16(), "int32": pa.int32(),
@@ -57,6 +57,12 @@ class TableSchema:
     def value_columns(self) -> list[str]:
         """Columns stored at the job's weight precision."""
         return [c["name"] for c in self.columns if c["type"] in ("value", "list<value>")]
+
+    @property
+    def optional_columns(self) -> list[str]:
+        """Columns a producer may leave out (null): those only some runs fill (generate runs' step,
+        segment, prompt_text, ...) and the value columns a site does not define."""
+        return [c["name"] for c in self.columns if c.get("optional") or c["type"] in ("value", "list<value>")]
 
     def arrow(self, weight_dtype: str = "float16") -> pa.Schema:
         return pa.schema([pa.field(c["name"], _arrow_type(c["type"], weight_dtype)) for c in self.columns])

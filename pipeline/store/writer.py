@@ -157,8 +157,9 @@ class _TableWriter:
                 columns.append(_repeated(self.constants[name], data.num_rows))
             elif name == "doc_id" and "doc_index" in data.column_names:
                 columns.append(self.owner.doc_ids.take(data.column("doc_index")))
-            elif name not in data.column_names and name in self.declared.value_columns:
-                columns.append(pa.nulls(data.num_rows, self.schema.field(name).type))  # not defined here (cross rows)
+            elif name not in data.column_names and name in self.declared.optional_columns:
+                # not defined here: cross rows' relative statistics, generate runs' columns elsewhere
+                columns.append(pa.nulls(data.num_rows, self.schema.field(name).type))
             else:
                 columns.append(data.column(name))
         return pa.Table.from_arrays(columns, schema=self.schema)
