@@ -418,6 +418,52 @@ def report(output, out_file, doc_ids, count, rules_file):
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)", err=True)
 
 
+# --- studies of a finished dataset (pipeline/studies; never imports torch) -----------------------
+
+@cli.group()
+def study():
+    """Studies of a finished dataset, written into a folder of their own: grounding."""
+
+
+@study.command("grounding")
+@click.argument("output")
+@click.option("--labels", "labels_file", type=click.Path(dir_okay=False),
+              help="CSV or JSON Lines of spans: doc_id, label (1/true/grounded or 0/false/ungrounded), and "
+                   "optionally step_start/step_end or char_start/char_end. Trains and cross-validates a "
+                   "detector; with --detector, evaluates that one instead.")
+@click.option("--detector", "detector_file", type=click.Path(dir_okay=False),
+              help="A detector.json of an earlier study: score OUTPUT's generations (or the --labels spans) with it.")
+@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False),
+              help="Folder for the results (default: OUTPUT/_studies/grounding-train, -apply or -scores).")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
+              help="Cross-validation folds, stratified by label and grouped by doc_id.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the folds and the bootstrap.")
+@click.option("--bootstrap", type=click.IntRange(min=100), default=1000, show_default=True,
+              help="Bootstrap resamples (of whole generations) for the AUROC's 95% interval.")
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Heads with the largest coefficients to list.")
+@command_boundary
+def study_grounding(output, labels_file, detector_file, out_dir, folds, seed, bootstrap, top):
+    """Are OUTPUT's generations grounded in their context? From a generate run's grounding table:
+    Lookback Lens features (each head's lookback ratio, averaged over a span), a logistic-regression
+    detector of ungrounded spans with its cross-validated AUROC and bootstrap interval, the heads
+    that carry the most weight, and label-free scores per generation (lookback ratio, AttnLogDet-style
+    log diagonal, token log-probability and entropy). Without --labels or --detector: the label-free
+    scores only."""
+    show_notes(quiet=False)
+    from pathlib import Path
+
+    from .studies import results
+    from .studies.grounding import StudyOptions, mode_of
+    from .studies.grounding import study as run_study
+
+    options = StudyOptions(folds=folds, seed=seed, bootstrap=bootstrap, top=top)
+    out = results.check_out(out_dir or results.default_out(output, mode_of(labels_file, detector_file)), output)
+    result = run_study(output, labels_file, detector_file, options, progress=click.echo)
+    results.write(result, out, options)
+    click.echo((Path(out) / "summary.txt").read_text(encoding="utf-8"), nl=False)
+
+
 class _NoteHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         kind = "warning" if record.levelno >= logging.WARNING else "note"
