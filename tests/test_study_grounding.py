@@ -1,9 +1,9 @@
 """`attnpipe study grounding` (pipeline/studies) on synthetic tables where the answer is known:
 one head's lookback ratio separates grounded from ungrounded spans, or nothing does.
 
-The grounding and generations tables come from generate runs; until a test can make one, the
-study's one reading function (`read_tables`) is replaced by synthetic DataFrames of the same
-columns. TODO: an end-to-end test on a real generate run of a tiny decoder.
+Most tests give the study synthetic DataFrames of the tables' columns in place of its one
+reading function (`read_tables`); the last ones run the command on a real generate run of a tiny
+random GPT-2 (whose numbers mean nothing: they check the reading, the spans and the files).
 """
 
 from __future__ import annotations
@@ -340,3 +340,65 @@ def test_results_inside_a_dataset_leave_it_whole(data, tmp_path, monkeypatch):
     assert invoke("status", real).exit_code == 0
     with open_dataset(real) as ds:
         assert len(ds.to_pandas("documents")) and "_studies" not in ds.tables
+
+
+# --- a real generate run ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory, tokenizer):
+    """A generate run of a tiny random GPT-2 on 12 context + question prompts, 6 new tokens each."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    base = tmp_path_factory.mktemp("generated")
+    torch.manual_seed(1)
+    config = GPT2Config(vocab_size=30522, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=None,
+                        eos_token_id=None)
+    AutoModelForCausalLM.from_config(config).save_pretrained(base / "lm")
+    tokenizer.save_pretrained(base / "lm")
+    rows = [{"id": f"q{i}", "question": f"What is item {i}?", "context": f"Item {i} is a box by the door."}
+            for i in range(12)]
+    (base / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    corpus, model, out = base / "qa.jsonl", base / "lm", base / "out"
+    (base / "job.toml").write_text(
+        f'name = "gen"\n[corpus]\npath = "{corpus}"\ntext_column = "question"\ncontext_column = "context"\n'
+        f'id_column = "id"\n[model]\nname = "{model}"\n[run]\noutput = "{out}"\nprogress = false\n'
+        'weight_dtype = "float32"\n[generate]\ntemplate = "Context: {context}\\nQuestion: {text}\\nAnswer:"\n'
+        'max_new_tokens = 6\n[[recipes]]\nname = "head_stats"\n')
+    result = invoke("run", base / "job.toml")
+    assert result.exit_code == 0, result.output
+    return base
+
+
+def test_real_generate_run_end_to_end(generated):
+    """Train on character spans of the real tables, apply the detector, and the dataset still
+    verifies with the results inside it."""
+    from attnpipe.read import open_dataset
+
+    out = generated / "out"
+    with open_dataset(out) as ds:
+        docs = ds.to_pandas("documents", columns=["doc_id", "generated_text"])
+        steps = ds.to_pandas("generations").groupby("doc_id").size()
+    rows = ["doc_id,label,char_start,char_end"]
+    for i, (doc, text) in enumerate(zip(docs.doc_id, docs.generated_text)):
+        cut = len(text) // 2
+        rows += [f"{doc},{i % 2},0,{cut}", f"{doc},{1 - i % 2},{cut},{len(text)}"]
+    (generated / "labels.csv").write_text("\n".join(rows) + "\n")
+    result = invoke("study", "grounding", out, "--labels", generated / "labels.csv", "--folds", 3,
+                    "--bootstrap", 100)
+    assert result.exit_code == 0, result.output
+    assert "12 generations, 72 steps, 8 heads; 24 labelled spans" in result.output
+    train = out / "_studies" / "grounding-train"
+    spans = pd.read_parquet(train / "scores.parquet")
+    assert len(spans) == 24 and spans["score"].between(0, 1).all()
+    ends = spans.groupby("doc_id").step_end.max()
+    assert (ends.to_numpy() <= steps[ends.index].to_numpy()).all()  # char spans mapped inside the generation
+    detector = json.loads((train / "detector.json").read_text())
+    assert detector["trained_on"]["num_layers"] == 2 and detector["trained_on"]["num_heads"] == 4
+    assert len(detector["features"]) == 8
+
+    result = invoke("study", "grounding", out, "--detector", train / "detector.json")
+    assert result.exit_code == 0, result.output
+    assert len(pd.read_parquet(out / "_studies" / "grounding-apply" / "generation_scores.parquet")) == 12
+    verified = invoke("verify", out)
+    assert verified.exit_code == 0 and "0 damaged, 0 stray" in verified.output, verified.output

@@ -195,7 +195,7 @@ def _train(result: StudyResult, arrays: StepArrays, labels: str | Path, options:
     result.detector.trained_on = {
         "dataset": result.dataset, "labels": str(labels), "spans": len(units),
         "ungrounded": int(positive.sum()), "generations": int(units["doc_id"].nunique()),
-        **{k: result.provenance.get(k) for k in ("model", "num_layers", "num_heads", "weights", "revision")
+        **{k: result.provenance.get(k) for k in ("model", "num_layers", "num_heads", "weights_sha256", "revision")
            if result.provenance.get(k) is not None},
         "options": {"c": options.c, "folds": options.folds, "seed": options.seed}}
     result.notes += [f"cross-validation: {n}" for n in notes] + fit_notes
