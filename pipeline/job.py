@@ -162,6 +162,8 @@ class GenerateSpec(_Section):
     # The tokenizer's chat template: used when it has one unless set to false.
     chat_template: bool = True
     max_new_tokens: int = Field(default=64, ge=1)
+    # End-of-sequence tokens are not drawn before this many tokens (fixed-length runs, benchmarks).
+    min_new_tokens: int = Field(default=0, ge=0)
     # Greedy by default; sample = true draws from softmax(logits / temperature), restricted to the
     # top_k tokens (0: all) and the top_p nucleus, with a generator seeded per document from `seed`
     # and its doc_id, so a document's text does not depend on the batch it ran in.
@@ -411,6 +413,9 @@ def _check_generate(job: JobSpec, source: str) -> None:
                                                                       *corpus.metadata_columns):
         raise JobError(f"{source}: 'corpus.context_column' {corpus.context_column!r} is also the text, id or a "
                        "metadata column; the context needs a column of its own")
+    if gen.min_new_tokens > gen.max_new_tokens:
+        raise JobError(f"{source}: 'generate.min_new_tokens' ({gen.min_new_tokens}) is more than max_new_tokens "
+                       f"({gen.max_new_tokens}); lower it or raise max_new_tokens")
     fields: list[str] = []
     if gen.template is not None:
         try:

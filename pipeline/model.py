@@ -273,9 +273,19 @@ class LoadedModel:
 
     @cached_property
     def max_length(self) -> int:
+        """The longest forward window: what the model states, at most 4096 (a forward pass forms
+        each layer's whole map)."""
+        return min(self.stated_max_length, 4096)
+
+    @cached_property
+    def stated_max_length(self) -> int:
+        """The positions the config and tokenizer state (4096 when neither states any): the
+        longest prompt plus generated tokens of a generate run, which never forms a whole map
+        beyond the prompt's."""
         limits = [getattr(self.model.config, "max_position_embeddings", None),
                   getattr(self.model.config, "n_positions", None), self.tokenizer.model_max_length]
-        return min(x for x in limits + [4096] if isinstance(x, int) and x > 0)
+        stated = [x for x in limits if isinstance(x, int) and 0 < x < 1 << 40]
+        return min(stated) if stated else 4096
 
     @cached_property
     def default_window(self) -> tuple[int, str]:

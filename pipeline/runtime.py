@@ -50,7 +50,12 @@ class Runtime:
             from .hostmem import keep_freed_memory
 
             keep_freed_memory()
-        window = model.check_window(job.model.max_length, job.model.stride)
+        if job.generate is None:
+            window = model.check_window(job.model.max_length, job.model.stride)
+        else:  # a prompt and its generation share the positions the model states
+            from .generate.check import generate_window
+
+            window = generate_window(job, model)
         from .pairs import check_pairs  # imports torch, as the model did
 
         pairs = check_pairs(job, model)  # corpus.target_column: an encoder-decoder's teacher-forced target
@@ -64,6 +69,9 @@ class Runtime:
                       "weight_dtype": job.run.weight_dtype,
                       "recipes": {r["name"]: RECIPES[r["name"]].version for r in job.recipes},
                       "schemas": {name: s.version for name, s in load_schemas().items()}}
+        if job.generate is not None:
+            provenance.update(stride=0, window_from="model.max_length" if job.model.max_length
+                              else "the positions the model states, for prompt + generated tokens")
         return cls(job, corpus, model, window, provenance)
 
     @property

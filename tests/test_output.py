@@ -78,6 +78,9 @@ def test_layout_schema_and_provenance(tmp_path, corpus, tiny_model_dir):
     committed = set(committed_files(out))
     for name, schema in schemas.items():
         files = sorted((out / name).rglob("*.parquet"))
+        if name in ("generations", "grounding"):  # generate runs only (tests/test_generate.py)
+            assert not files
+            continue
         assert files and set(files) <= committed, name
         matches = [DATA_FILE.match(f.name) for f in files]
         assert all(matches), [f.name for f in files]

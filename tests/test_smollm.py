@@ -165,6 +165,48 @@ def test_run_two_sentences(smol, tmp_path):
         torch.testing.assert_close(got, want[head, query, key], atol=1e-5, rtol=0)
 
 
+@pytest.mark.integration
+@needs_package
+def test_generate_with_the_chat_template(smol, tmp_path):
+    """A generate run on the real decoder: the chat template places the system message, context and
+    question (segments found in the rendered prompt), and the greedy tokens are HF generate's
+    (eager attention) on the same prompt ids; every step has a grounding row per layer and head."""
+    from transformers import AutoModelForCausalLM
+
+    from attnpipe import open_dataset
+
+    rows = [{"id": "q1", "context": "The mill by the river was built in 1820 by Anna Holt.", "question": "Who built the mill?"},
+            {"id": "q2", "context": "Tea is grown on the hills.", "question": "What is grown on the hills?"}]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "job.toml").write_text(
+        f'name = "smolgen"\n[corpus]\npath = "c.jsonl"\ntext_column = "question"\ncontext_column = "context"\n'
+        f'id_column = "id"\n[model]\nname = "{NAME}"\n[run]\noutput = "{tmp_path / "out"}"\ndevice = "cpu"\n'
+        'weight_dtype = "float32"\n[generate]\nsystem = "Answer briefly."\n'
+        'template = "Context: {context}\\nQuestion: {text}"\nmax_new_tokens = 6\n[[recipes]]\nname = "head_stats"\n')
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "job.toml"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    ds = open_dataset(tmp_path / "out")
+    tokens = ds.to_pandas("tokens").sort_values(["doc_id", "position"])
+    docs = ds.to_pandas("documents").set_index("doc_id")
+    assert "<|im_start|>system" in docs.loc["q1", "prompt_text"]
+    eager = AutoModelForCausalLM.from_pretrained(smol.provenance["source"], attn_implementation="eager").eval()
+    for row in rows:
+        mine = tokens[tokens.doc_id == row["id"]]
+        prompt = mine[mine.side == "source"]
+        text = docs.loc[row["id"], "prompt_text"]
+        for segment, want in (("context", row["context"]), ("question", row["question"]), ("system", "Answer briefly.")):
+            part = prompt[prompt.segment == segment]
+            assert text[part.char_start.min():part.char_end.max()].strip() == want
+        with torch.no_grad():
+            out = eager.generate(torch.tensor([prompt.token_id.tolist()]), max_new_tokens=6, do_sample=False)
+        generated = mine[mine.side == "generated"].token_id.tolist()
+        assert generated == out[0, len(prompt):].tolist()[:len(generated)] and generated
+    grounding = ds.to_pandas("grounding")
+    steps = int(docs.generated_tokens.sum())
+    assert len(grounding) == steps * 30 * 9
+    assert grounding.lookback_ratio.between(0, 1).all()
+
+
 # --- error paths, with a fake package record ------------------------------------------------------
 
 @pytest.fixture

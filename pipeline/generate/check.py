@@ -7,6 +7,17 @@ from .prompts import uses_chat_template
 from .steps import STEP_RECIPES
 
 
+def generate_window(job, lm) -> int:
+    """The most tokens a prompt and its generation may hold: model.max_length when the job sets
+    it (up to what the model states), else the model's stated positions. Not the forward path's
+    4096 cap: generation forms a whole map only for the prompt."""
+    stated = lm.stated_max_length
+    if job.model.max_length is not None and job.model.max_length > stated:
+        raise JobError(f"model.max_length is {job.model.max_length} but model {lm.name!r} states {stated} positions; "
+                       f"use a value up to {stated}, or leave it out")
+    return job.model.max_length or stated
+
+
 def check_generate(job, lm) -> dict:
     """Refuse a model that cannot generate; the provenance entries of a generate run."""
     gen = job.generate

@@ -213,8 +213,10 @@ def generate_batch(lm: LoadedModel, prompts: list[Prompt], doc_ids: list[str], g
         step = 0
         _reduce_step(s, s.stacked(), facts, alive, step, grounding_only=True)
         while True:
-            chosen = _choose(logits, gen, generators).cpu()
             logp = torch.log_softmax(logits, dim=-1).cpu()
+            if eos and step < gen.min_new_tokens:  # as generate's min_new_tokens: no end before it
+                logits[:, [i for i in sorted(eos) if i < logits.shape[-1]]] = float("-inf")
+            chosen = _choose(logits, gen, generators).cpu()
             entropy = -(logp.exp() * logp).nan_to_num().sum(-1)
             for b in alive.nonzero()[:, 0].tolist():
                 g = out[b]

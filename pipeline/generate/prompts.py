@@ -80,14 +80,16 @@ def render(tokenizer, user: str, spans: dict[str, tuple[int, int]], system: str 
 
 
 def segment_of(start: int, end: int, spans: dict[str, tuple[int, int]]) -> str:
-    """The segment a token's characters fall in (its first character decides; tokens without
-    characters, special tokens and chat markup, are the template's)."""
-    if end > start:
-        for name in ("context", "question", "system"):
-            a, b = spans.get(name, (0, 0))
-            if a <= start < b:
-                return name
-    return "template"
+    """The segment most of a token's characters fall in (a byte-level token such as "ĠThe" carries
+    the space before a context's first word); tokens without characters (special tokens, chat
+    markup) and those outside every span are the template's."""
+    best, most = "template", 0
+    for name in ("context", "question", "system"):
+        a, b = spans.get(name, (0, 0))
+        overlap = min(end, b) - max(start, a)
+        if overlap > most:
+            best, most = name, overlap
+    return best
 
 
 def build_prompts(tokenizer, texts: list[str], contexts: list[str] | None, names: list[str], gen,

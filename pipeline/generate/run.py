@@ -33,8 +33,8 @@ def write_generations(writer: ShardWriter, rt: Runtime, docs: ShardDocs, progres
             rows = docs.rows[part]
             names = docs.doc_ids[part]
             texts = rt.corpus.texts(rows)
-            prompts = build_prompts(lm.tokenizer, texts, rt.corpus.contexts(rows), names, gen, rt.window_length,
-                                    gen.max_new_tokens)
+            prompts = build_prompts(lm.tokenizer, texts, rt.corpus.contexts(rows), names, gen,
+                                    rt.window_length, gen.max_new_tokens)
             results: dict[int, Generated] = {}
             order = sorted((i for i, p in enumerate(prompts) if p is not None), key=lambda i: len(prompts[i]))
             empty = len(prompts) - len(order)
