@@ -34,6 +34,8 @@ bench: setup
 	$(PY) benchmarks/bench_extract.py
 	$(PY) benchmarks/bench_long.py
 	$(PY) benchmarks/bench_corpus.py
+	$(PY) benchmarks/bench_generate.py
+	$(PY) benchmarks/bench_generate.py --long --repeats 1
 
 # benchmarks/gpu_check.sh's steps on the CPU at tiny sizes (the GPU run itself: README, GPU figures).
 gpu-dry: setup

@@ -9,7 +9,7 @@ The data flows through the modules in this order:
 corpus -> windows/batches -> model capture -> recipes -> writer -> manifest.
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 # Imported on first use, so that `import attnpipe` (and the read side) stays free of torch.
 _LAZY = {"open_dataset": ".read", "AttnDataset": ".read", "attend": ".api", "run": ".api",

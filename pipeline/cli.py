@@ -273,7 +273,8 @@ def _open_read(output, out_file=None):
 def query(output, sql, fmt, out_file, max_rows, max_width):
     """Run one read-only SQL statement (DuckDB) over the committed tables of OUTPUT.
 
-    Views: documents, tokens, head_stats, edges, rollout, maps (those the job wrote), and
+    Views: documents, tokens, words, head_stats, edges, rollout, maps, and for generate runs
+    generations and grounding (those the job wrote), and
     edges_tokens / rollout_tokens (edges and rollout with query_token and key_token). Only
     SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE and EXPLAIN run; writes, COPY, ATTACH, INSTALL/LOAD
     and reading any file but the committed ones are refused.

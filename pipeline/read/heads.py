@@ -94,13 +94,17 @@ def _read_rules(path: Path) -> dict:
     return dict(values)
 
 
-def atlas_sql(params: str | None = None, sites: bool = False) -> str:
+def atlas_sql(params: str | None = None, sites: bool = False, steps: bool = False) -> str:
     """One row per (layer, head): windows, and the mean and sample std of every statistic; with
     `sites`, one atlas per attention kind: rows per (stack, attention, layer, head). Statistics
-    a kind does not define (cross-attention's self/prev/next/distance) stay null."""
+    a kind does not define (cross-attention's self/prev/next/distance) stay null. With `steps`
+    (schema v4 data, whose generate runs add one row per decoding step) only the windows' rows
+    count: the prompt's, as in a forward run."""
     cols = ",\n  ".join(f"avg({s}) AS {s}, CASE WHEN count({s}) > 0 THEN coalesce(stddev_samp({s}), 0) END AS {s}_std"
                         for s in STATS)
-    where = "" if params is None else "WHERE recipe_params = '" + params.replace("'", "''") + "'"
+    conditions = ([] if params is None else ["recipe_params = '" + params.replace("'", "''") + "'"]) + \
+        (["step IS NULL"] if steps else [])
+    where = ("WHERE " + " AND ".join(conditions)) if conditions else ""
     keys = "stack, attention, layer, head" if sites else "layer, head"
     return (f"SELECT {keys}, count(*) AS windows, avg(window_tokens) AS window_tokens,\n  {cols}\n"
             f"FROM head_stats {where}\nGROUP BY {keys} ORDER BY {keys}")
@@ -119,7 +123,7 @@ def head_atlas(ds, rules: Rules | None = None, params: str | None = None):
     # Several attention kinds (an encoder-decoder's): one atlas each. One kind (and v2 data,
     # which has no sites) keeps the plain (layer, head) atlas.
     kinds = "stack" in columns and len(ds.sql("SELECT DISTINCT stack, attention FROM head_stats")) > 1
-    atlas = ds.sql(atlas_sql(params, sites=kinds))
+    atlas = ds.sql(atlas_sql(params, sites=kinds, steps="step" in columns))
     return label_heads(atlas, rules or Rules())
 
 
