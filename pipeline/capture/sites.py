@@ -1,7 +1,7 @@
 """Site keys: which attention call a layer's data comes from, built in one function.
 
 A site is (stack, layer, kind): the encoder or decoder stack, the layer index inside it, and
-self- or cross-attention (a generation step joins it when generation is captured). It is read
+self- or cross-attention, and in generate runs the decoding step. It is read
 off the module and its qualified name, never from the order of calls, so cross-attention and
 decoder layers interleaved with encoder ones cannot shift the numbering.
 """
@@ -22,7 +22,9 @@ class SiteKey:
     stack: str  # "encoder" (also encoder-only models) or "decoder" (also decoder-only models)
     layer: int  # 0-based, within the stack
     kind: str = "self"  # "self" or "cross"
-    step: int | None = None  # generation step, when generation is captured (not yet)
+    # generate runs: the decoding step (0 = the prefill; pipeline/generate/decode.py sets it on the
+    # inputs it hands its reductions); None for a forward pass
+    step: int | None = None
 
 
 def module_names(model: torch.nn.Module) -> dict[int, str]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -138,6 +138,7 @@ class _Session:
                            and r.get("level", "token") == "token"]
         self.rows: list[torch.Tensor] = []  # this forward's per-layer query rows
         self.prefill = True
+        self.step = 0  # of the forward in progress: 0 the prefill, s the step that feeds token s - 1
         self.row_masks = []
         self.carries: dict[tuple[int, str], dict] = {}
         self.pending: dict[tuple[str, int | None], list[dict]] = {}
@@ -145,6 +146,7 @@ class _Session:
     def sink(self, inputs: LayerInputs) -> None:
         if inputs.site.kind != "self":
             return
+        inputs.site = replace(inputs.site, step=self.step)
         self.rows.append(row_probs(inputs)[:, :, 0])  # (batch, head, keys)
         if self.prefill:
             self._prefill_recipes(inputs)
@@ -235,6 +237,7 @@ def generate_batch(lm: LoadedModel, prompts: list[Prompt], doc_ids: list[str], g
             if not alive.any():
                 break
             step += 1
+            s.step = step
             feed = torch.where(alive, chosen, torch.full_like(chosen, lm.pad_id)).to(device)[:, None]
             mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
             positions = positions[:, -1:] + 1
