@@ -45,7 +45,19 @@ def batch_masks(lm: LoadedModel, windows: list[Window] | list[Target], ids: torc
     masks = BatchMasks(lengths, special, sep, punct, lm.causal if causal is None else causal)
     if words:
         masks.words = word_pooling(windows, masks)
+    if any(getattr(w, "groups", None) is not None for w in windows):  # the job's [[groups]] (groups recipe)
+        masks.groups = token_group_masks(windows, ids.shape[1], ids.device)
     return masks
+
+
+def token_group_masks(windows: list[Window], size: int, device) -> torch.Tensor:
+    """(batch, group, pos) bool: the token groups of each window (Window.groups), padding in none."""
+    count = len(windows[0].groups)
+    out = torch.zeros((len(windows), count, size), dtype=torch.bool)
+    for row, w in enumerate(windows):
+        if w.groups:
+            out[row, :, : len(w)] = torch.tensor(w.groups, dtype=torch.bool)
+    return out.to(device)
 
 
 def word_pooling(windows: list[Window] | list[Target], masks: BatchMasks) -> WordPooling:

@@ -37,6 +37,7 @@ class Window:
     special: list[bool]
     target: Target | None = None  # encoder-decoder pairs: the decoder's input
     words: list[int] | None = None  # word index of each token (pipeline/wordpieces.py)
+    groups: list[list[bool]] | None = None  # per [[groups]] entry, whether each token is in it (pipeline/groups.py)
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import RecipeError
 
@@ -58,6 +58,10 @@ class ToppParams(_Params):
     per_head: bool = Field(default=True, description="per head, or on the mean over heads")
 
 
+class GroupsParams(_Params):
+    per_head: bool = Field(default=True, description="per head, or on the mean over heads")
+
+
 class RolloutParams(_Params):
     k: int = Field(default=8, ge=1, description="keys of the rolled-out map kept per query")
 
@@ -65,6 +69,52 @@ class RolloutParams(_Params):
 class DenseParams(_Params):
     max_tokens: int = Field(default=64, ge=1, description="only windows up to this many tokens")
     per_head: bool = Field(default=True, description="every head, or only the head mean")
+
+
+class ScalarParams(_Params):
+    """The scalar F a gradient recipe explains, one value per window (pipeline/control/scalars.py
+    defines each). Recipes with the same scalar share one backward pass."""
+
+    level: Literal["token"] = Field(default="token", description="gradient recipes run on tokens only")
+    scalar: Literal["auto", "pooled_norm", "logprob", "token", "class"] = Field(
+        default="auto", description="F: pooled_norm (norm of the mean of the last hidden states over real "
+        "tokens), logprob (decoders: log-probability of the window's own next tokens), token (decoders: "
+        "log-probability of `token` after the window), class (logit of `label`); auto: logprob for "
+        "decoders, pooled_norm otherwise")
+    position: Literal["sum", "last"] = Field(
+        default="sum", description="logprob: summed over every real next token, or of the last token only")
+    token: int | str | None = Field(default=None, description="scalar = token: a token id, or a string "
+                                    "the tokenizer makes one token")
+    label: int | str | None = Field(default=None, description="scalar = class: the class index, or its "
+                                    "name in the model's id2label")
+
+    @model_validator(mode="after")
+    def _scalar_inputs(self):
+        if (self.scalar == "token") != (self.token is not None):
+            raise ValueError("token is given exactly when scalar = 'token' (a token id or a one-token string)")
+        if (self.scalar == "class") != (self.label is not None):
+            raise ValueError("label is given exactly when scalar = 'class' (a class index or id2label name)")
+        return self
+
+
+class SaliencyParams(ScalarParams):
+    k: int = Field(default=8, ge=1, description="keys kept per query, by |attribution|")
+
+
+class IntegratedParams(SaliencyParams):
+    steps: int = Field(default=20, ge=1, le=1000, description="Riemann steps of the integral over alpha")
+
+
+class SaliencyHeadsParams(ScalarParams):
+    pass
+
+
+class IntegratedHeadsParams(ScalarParams):
+    steps: int = Field(default=20, ge=1, le=1000, description="Riemann steps of the integral over alpha")
+
+
+class GradRolloutParams(ScalarParams):
+    k: int = Field(default=8, ge=1, description="keys of the rolled-out map kept per query")
 
 
 @dataclass(frozen=True)
@@ -75,6 +125,7 @@ class Recipe:
     params: type[_Params]
     version: int
     stateful: bool = False  # rollout carries its product from one layer to the next
+    gradients: bool = False  # needs dF/dA: reduce hands the batch to pipeline/control/gradients.py
 
     @cached_property
     def fn(self) -> Callable:
@@ -99,6 +150,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("topp", ".masks:topp", "edges", ToppParams, 1),
     Recipe("rollout", ".rollout:rollout", "rollout", RolloutParams, 1, stateful=True),
     Recipe("dense", ".dense:dense", "maps", DenseParams, 1),
+    Recipe("groups", ".groups:groups", "group_mass", GroupsParams, 1),
 ]}
 
 
@@ -116,11 +168,14 @@ def validate_recipe(spec: dict[str, Any], where: str) -> dict[str, Any]:
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
+        if not key:  # a check across parameters (ScalarParams)
+            raise RecipeError(f"{where} ({name}): {err['msg'].removeprefix('Value error, ')}") from None
         if err["type"] == "extra_forbidden":
             valid = ", ".join(model.model_fields) or "(none)"
             raise RecipeError(f"{where} ({name}): unknown parameter {key!r}; valid: {valid}") from None
         raise RecipeError(f"{where} ({name}): {key!r}: {err['msg']} (got {err.get('input')!r})") from None
-    params = checked.model_dump()
+    # Unset optional parameters (a gradient recipe's token or label) are left out, like level = token.
+    params = {k: v for k, v in checked.model_dump().items() if v is not None}
     if params["level"] == "token":
         del params["level"]
     return {"name": name, **params}

@@ -30,12 +30,14 @@ class BatchMasks:
     causal: bool
     keys: "BatchMasks | None" = None  # cross-attention: the key side; None: the keys are the queries
     words: "WordPooling | None" = None  # the windows' words, when a recipe runs at level "word"
+    groups: torch.Tensor | None = None  # (batch, group, pos) bool: the job's token groups (groups recipe)
 
     def rows(self, lo: int, hi: int) -> "BatchMasks":
         """The masks of windows lo..hi."""
         return BatchMasks(self.lengths[lo:hi], self.special[lo:hi], self.sep[lo:hi], self.punct[lo:hi],
                           self.causal, None if self.keys is None else self.keys.rows(lo, hi),
-                          None if self.words is None else self.words.rows(lo, hi))
+                          None if self.words is None else self.words.rows(lo, hi),
+                          None if self.groups is None else self.groups[lo:hi])
 
     @cached_property
     def word_level(self) -> "BatchMasks":
