@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -392,7 +393,34 @@ class Corpus:
                          None if targets is None else [text_sha1(t) for t in targets])
 
     def texts(self, rows: np.ndarray) -> list[str]:
-        return [_as_text(v) for v in self.table.column(self.spec.text_column).take(pa.array(rows)).to_pylist()]
+        """The texts of `rows` as the model reads them: without the corpus.strip matches and the
+        corpus.marks brackets (pipeline/groups.py)."""
+        raw = [_as_text(v) for v in self.table.column(self.spec.text_column).take(pa.array(rows)).to_pylist()]
+        if self._strip is None and self._marks == "none":
+            return raw
+        return [self._clean(text, row)[0] for text, row in zip(raw, rows)]
+
+    def marks(self, rows: np.ndarray) -> list[list[tuple[int, int]]]:
+        """The marked spans of `rows`' texts (corpus.marks), in the texts `texts` returns."""
+        raw = [_as_text(v) for v in self.table.column(self.spec.text_column).take(pa.array(rows)).to_pylist()]
+        return [self._clean(text, row)[1] for text, row in zip(raw, rows)]
+
+    @property
+    def _strip(self) -> str | None:
+        return getattr(self.spec, "strip", None)
+
+    @property
+    def _marks(self) -> str:
+        return getattr(self.spec, "marks", "none")
+
+    def _clean(self, text: str, row: int) -> tuple[str, list[tuple[int, int]]]:
+        if self._strip is not None:
+            text = re.sub(self._strip, "", text)
+        if self._marks == "brackets":
+            from .groups import strip_marks
+
+            return strip_marks(text, f"corpus {self.spec.path} row {row}")
+        return text, []
 
     def targets(self, rows: np.ndarray) -> list[str] | None:
         """The target texts of `rows` (corpus.target_column), None without one."""

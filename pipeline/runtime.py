@@ -7,6 +7,7 @@ Built by the local executor today and by each Dask worker later; nothing here kn
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -73,6 +74,13 @@ class Runtime:
             provenance.update(stride=0, window_from="model.max_length" if job.model.max_length
                               else "the positions the model states, for prompt + generated tokens")
         return cls(job, corpus, model, window, provenance)
+
+    @cached_property
+    def group_matchers(self) -> list:
+        """The job's [[groups]], compiled (pipeline/groups.py)."""
+        from .groups import compile_groups
+
+        return compile_groups(getattr(self.job, "groups", []), Path(self.job.base_dir))
 
     @property
     def weights_id(self) -> str | None:

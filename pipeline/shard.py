@@ -341,6 +341,8 @@ def _tokenize_chunk(writer: ShardWriter, background: BackgroundWriter, rt: Runti
         windows = tokenize(tok, texts, rt.window_length, job.model.stride)
     else:  # source/target pairs: one window each, never split
         windows = tokenize_pairs(rt.model, texts, targets, rt.window_length, docs.doc_ids[part])
+    if getattr(job, "groups", None):  # the job's token groups, for the groups recipe
+        _assign_groups(rt, windows, texts, rows)
     doc_cols = {**document_columns(docs, part, windows, texts, job.model.stride), **rt.corpus.sources(rows),
                 **rt.corpus.metadata(rows)}
     background.put(lambda: writer.write_batch("documents", doc_cols, extra=rt.corpus.metadata_schema()))
@@ -351,6 +353,16 @@ def _tokenize_chunk(writer: ShardWriter, background: BackgroundWriter, rt: Runti
     counts["tokens"] += len(token_cols["position"])  # both sides of pairs: the tokens table's rows
     counts["windows"] += len(windows)
     return windows
+
+
+def _assign_groups(rt: Runtime, windows: list[Window], texts: list[str], rows: np.ndarray) -> None:
+    """Each window's tokens in each [[groups]] entry (pipeline/groups.py)."""
+    from .groups import token_groups
+
+    marks = rt.corpus.marks(rows)
+    spans = [[m.spans(text, marked) for m in rt.group_matchers] for text, marked in zip(texts, marks)]
+    for w in windows:
+        w.groups = token_groups(w.offsets, w.special, spans[w.doc_index])
 
 
 def record_info(rt: Runtime, r: ShardResult) -> dict:
