@@ -423,7 +423,7 @@ def report(output, out_file, doc_ids, count, rules_file):
 
 @cli.group()
 def study():
-    """Studies of a finished dataset, written into a folder of their own: grounding."""
+    """Studies of finished datasets, written into a folder of their own: grounding, bias."""
 
 
 @study.command("grounding")
@@ -462,6 +462,41 @@ def study_grounding(output, labels_file, detector_file, out_dir, folds, seed, bo
     out = results.check_out(out_dir or results.default_out(output, mode_of(labels_file, detector_file)), output)
     result = run_study(output, labels_file, detector_file, options, progress=click.echo)
     results.write(result, out, options)
+    click.echo((Path(out) / "summary.txt").read_text(encoding="utf-8"), nl=False)
+
+
+@study.command("bias")
+@click.option("--a", "run_a", required=True, help="The first run (e.g. pro-stereotyped sentences), with a group_mass table.")
+@click.option("--b", "run_b", required=True, help="The second run over the paired corpus (e.g. anti-stereotyped).")
+@click.option("--from", "from_group", help="Group whose tokens attend (default: with two groups, the first by name).")
+@click.option("--to", "to_group", help="Group attended to.")
+@click.option("--pair-by", type=click.Choice(["corpus_row", "source_index", "doc_id"]), default="corpus_row",
+              show_default=True, help="How documents of the two runs pair up (WinoBias: the line, corpus_row).")
+@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False),
+              help="Folder for the results (default: A/_studies/bias-<from>-<to>).")
+@click.option("--resamples", type=click.IntRange(min=100), default=2000, show_default=True,
+              help="Bootstrap and permutation draws.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True,
+              help="False discovery rate for calling a head's difference significant.")
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True)
+@command_boundary
+def study_bias(run_a, run_b, from_group, to_group, pair_by, out_dir, resamples, seed, alpha, top):
+    """Attention between word groups in two runs over paired corpora (pro- vs anti-stereotyped): per
+    layer and head, the mean paired difference of the from-group's attention mass on the to-group,
+    its bootstrap interval, a permutation p-value and Benjamini-Hochberg q-value over all heads; the
+    heads that differ most; a layers x heads heatmap."""
+    show_notes(quiet=False)
+    from pathlib import Path
+
+    from .studies import bias, results
+
+    options = bias.BiasOptions(from_group, to_group, pair_by, resamples, seed, alpha, top)
+    result = bias.study(run_a, run_b, options)
+    default = Path(str(run_a).removeprefix("file://")) / results.STUDIES / f"bias-{result.from_group}-{result.to_group}"
+    out = results.check_out(out_dir or default, run_a)
+    results.check_out(out, run_b)
+    bias.write(result, out, options)
     click.echo((Path(out) / "summary.txt").read_text(encoding="utf-8"), nl=False)
 
 
