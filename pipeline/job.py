@@ -186,6 +186,51 @@ class GenerateSpec(_Section):
         return value
 
 
+class KeysSpec(_Section):
+    """Which keys an intervention acts on; exactly one way per selection (pipeline/control/keys.py)."""
+
+    # Token positions within each window (0 = the first token, special tokens included).
+    positions: list[int] | None = None
+    # Character [start, end) spans of the document text: the tokens they overlap.
+    spans: list[list[int]] | None = None
+    # A regular expression on the document text: the tokens its matches overlap.
+    regex: str | None = None
+    # Tokens of one kind: special (CLS, SEP, BOS ...), sep, punct.
+    segment: str | None = None
+    # A metadata column holding each document's character spans: one [start, end) pair or a list of them.
+    column: str | None = None
+
+
+class InterventionSpec(_Section):
+    """[[interventions]]: an edit of attention in chosen layers and heads (pipeline/control).
+
+    Before the softmax: scale adds log(alpha) to the chosen keys' scores (PASTA: except_keys =
+    the emphasised span, alpha = 0.01), zero removes them (-inf), bias adds `value`. After the
+    softmax: patch replaces each chosen head's pattern by the one the same head computes on the
+    document's paired text (the metadata column `patch_from`; Vig et al. 2020)."""
+
+    label: str | None = None
+    op: Literal["scale", "zero", "bias", "patch"]
+    layers: list[int] | Literal["all"] = "all"
+    heads: list[int] | Literal["all"] = "all"
+    keys: KeysSpec | None = None
+    except_keys: KeysSpec | None = None
+    alpha: float = Field(default=0.01, gt=0.0)  # PASTA's default; scores + log(alpha)
+    value: float | None = None  # bias: added to the chosen keys' scores
+    patch_from: str | None = None  # patch: metadata column with each document's paired text
+
+
+class EffectsSpec(_Section):
+    """[effects]: what is measured for every intervention against the unedited pass."""
+
+    # Load a decoder's language-model head, so that next-token KL and logit differences are
+    # recorded (cosine of the pooled embedding is recorded for every model).
+    logits: bool = False
+    # Two tokens (each one token of the vocabulary): logit(first) - logit(second) at each
+    # window's last real token, with and without the intervention. Needs logits = true.
+    targets: list[str] = Field(default_factory=list)
+
+
 class JobSpec(_Section):
     name: str = "job"
     description: str = ""
@@ -193,6 +238,8 @@ class JobSpec(_Section):
     model: ModelSpec = Field(default_factory=ModelSpec)
     run: RunSpec = Field(default_factory=RunSpec)
     generate: GenerateSpec | None = None
+    interventions: list[InterventionSpec] = Field(default_factory=list)
+    effects: EffectsSpec = Field(default_factory=EffectsSpec)
     # The default recipe set: head statistics, the 8 strongest keys of each query on the head
     # mean, and rollout's 8 strongest keys: about 210 bytes per token at the default precision.
     recipes: list[dict[str, Any]] = Field(default_factory=lambda: [
@@ -234,6 +281,9 @@ class JobSpec(_Section):
                 "versions": {"attnpipe": __version__, "format": FORMAT_VERSION, "schema": SCHEMA_VERSION}}
         if self.generate is not None:  # jobs without one keep their fingerprint
             parts["generate"] = self.generate.model_dump(exclude={"batch_size"})
+        if self.interventions:  # jobs without them keep their fingerprint
+            parts["interventions"] = [i.model_dump() for i in self.interventions]
+            parts["effects"] = self.effects.model_dump()
         return parts
 
     def fingerprint(self) -> str:
@@ -256,8 +306,8 @@ def fingerprint_diff(old: Any, new: Any, name: str = "") -> list[str]:
 
 def _format_error(source: str, err: dict) -> str:
     loc = list(err["loc"])
-    if loc and loc[0] == "recipes" and len(loc) > 1:
-        where = f"recipes[{loc[1]}]" + "".join(f".{p}" for p in loc[2:])
+    if loc and loc[0] in ("recipes", "interventions") and len(loc) > 1 and isinstance(loc[1], int):
+        where = f"{loc[0]}[{loc[1]}]" + "".join(f".{p}" for p in loc[2:])
     else:
         where = ".".join(str(p) for p in loc) or "(top level)"
     if err["type"] == "extra_forbidden":
@@ -273,12 +323,22 @@ def _format_error(source: str, err: dict) -> str:
 def _section_model(loc: list) -> type[BaseModel] | None:
     model: type[BaseModel] = JobSpec
     for part in loc:
+        if isinstance(part, int):  # an item of a list of sections
+            continue
         field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None)
+        ann = _section_of(getattr(field, "annotation", None))
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return None
         model = ann
     return model
+
+
+def _section_of(ann: Any) -> Any:
+    """The section class inside list[X] or X | None annotations (else the annotation)."""
+    for arg in getattr(ann, "__args__", ()):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return ann
 
 
 def _set_override(data: dict, dotted: str, value: Any) -> None:
@@ -316,6 +376,9 @@ def build_job(data: dict, source: str = "job", base_dir: str | Path = ".",
                            "would store every row twice; remove one or change its parameters")
     _check_metadata_columns(job.corpus, source)
     _check_generate(job, source)
+    from .control.spec import check_interventions  # the rules live beside the code that applies them
+
+    check_interventions(job, source)
     _check_factory(job.model, source)
     if job.model.max_length is not None and job.model.stride >= job.model.max_length - 2:
         raise JobError(f"{source}: 'model.stride' ({job.model.stride}) must be smaller than "

@@ -229,16 +229,16 @@ class LoadedModel:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None
-                ) -> None:
+                decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
+                **kwargs):
         """Run the (encoder) stack; attention goes to whatever sink is active. With decoder inputs
         (an encoder-decoder's teacher-forced target, pipeline/pairs.py) the whole model runs, so
-        the decoder's self- and cross-attention reach the sink too."""
+        the decoder's self- and cross-attention reach the sink too. Returns the model's output
+        (interventions measure it, pipeline/control); `kwargs` go to the model call."""
         if decoder_input_ids is None:
-            self.encoder(input_ids=input_ids, attention_mask=attention_mask)
-        else:
-            self.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
-                       decoder_attention_mask=decoder_attention_mask)
+            return self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                          decoder_attention_mask=decoder_attention_mask, **kwargs)
 
     def _probe(self) -> tuple[bool, int, int]:
         """Causal or not, layers and heads, read off one tiny forward pass: a causal model puts

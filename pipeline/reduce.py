@@ -131,6 +131,7 @@ class PendingBatch:
 
     parts: list[tuple[int, SiteKey, dict[str, torch.Tensor]]]  # (recipe, site, host columns)
     event: "torch.cuda.Event | None" = None
+    clean: object = None  # control.effects.Outputs of this pass, when the job has interventions
 
     def outputs(self) -> list[Output]:
         if self.event is not None:
@@ -167,9 +168,12 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     return host.copy_(t, non_blocking=True)
 
 
-def reduce_batch_async(lm: LoadedModel, windows: list[Window], recipes: list[dict]) -> PendingBatch:
+def reduce_batch_async(lm: LoadedModel, windows: list[Window], recipes: list[dict],
+                       keep: dict | None = None) -> PendingBatch:
     """One batch through the model; every attention layer (encoder and decoder self-attention,
-    cross-attention when the windows carry targets) through every recipe."""
+    cross-attention when the windows carry targets) through every recipe. With `keep` (keyword
+    arguments of the model call), the pass's outputs are kept as `PendingBatch.clean`: the
+    unedited pass that interventions are measured against (pipeline/control/run.py)."""
     ids, attention_mask = (t.to(lm.device) for t in collate(windows, lm.pad_id))
     decoder: dict[str, torch.Tensor] = {}
     words = any(r.get("level") == "word" for r in recipes)
@@ -206,12 +210,18 @@ def reduce_batch_async(lm: LoadedModel, windows: list[Window], recipes: list[dic
             pending.append((i, site, {k: _to_host(v) for k, v in _merge(cols).items()}))
 
     with capture_layers(sink, backend=lm.capture_backend, model=lm.model, causal=lm.causal):
-        lm.forward(ids, attention_mask, **decoder)
+        output = lm.forward(ids, attention_mask, **decoder, **(keep or {}))
+    clean = None
+    if keep is not None:
+        from .control.effects import Outputs
+
+        clean = Outputs.of(output, attention_mask)
+    del output
     event = None
     if lm.device.type == "cuda":
         event = torch.cuda.Event()
         event.record()
-    return PendingBatch(pending, event)
+    return PendingBatch(pending, event, clean)
 
 
 def reduce_batch(lm: LoadedModel, windows: list[Window], recipes: list[dict]) -> list[Output]:

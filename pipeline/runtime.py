@@ -32,7 +32,7 @@ def load_job_model(job: JobSpec) -> "LoadedModel":
                       device=job.run.device, trust_remote_code=m.trust_remote_code,
                       allow_pickle=m.allow_pickle, backend=job.run.attention, factory=m.factory,
                       allow_code=m.allow_code, attention_modules=m.attention_modules,
-                      language_model=job.generate is not None)
+                      language_model=job.generate is not None or job.effects.logits)
 
 
 @dataclass
@@ -42,6 +42,7 @@ class Runtime:
     model: "LoadedModel"
     window_length: int
     provenance: dict
+    effect_targets: list[int] | None = None  # token ids of effects.targets (pipeline/control)
 
     @classmethod
     def build(cls, job: JobSpec, corpus: Corpus | None = None, model: "LoadedModel | None" = None) -> "Runtime":
@@ -73,7 +74,12 @@ class Runtime:
         if job.generate is not None:
             provenance.update(stride=0, window_from="model.max_length" if job.model.max_length
                               else "the positions the model states, for prompt + generated tokens")
-        return cls(job, corpus, model, window, provenance)
+        targets = None
+        if job.interventions:
+            from .control.spec import check_against_model
+
+            targets = check_against_model(job, model.num_layers, model.num_heads, model.tokenizer)
+        return cls(job, corpus, model, window, provenance, targets)
 
     @cached_property
     def group_matchers(self) -> list:

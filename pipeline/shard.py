@@ -221,8 +221,13 @@ class BackgroundWriter:
 def _reduce(rt: Runtime, chosen: list[tuple[int, Window]],
             stats: dict) -> list[tuple[list[tuple[int, Window]], PendingBatch]]:
     """The batch through the model; when CUDA runs out of memory, halves of it, recursively."""
+    keep = None
+    if rt.job.interventions:
+        from .control.run import output_kwargs
+
+        keep = output_kwargs(rt.job)
     try:
-        return [(chosen, reduce_batch_async(rt.model, [w for _, w in chosen], rt.job.recipes))]
+        return [(chosen, reduce_batch_async(rt.model, [w for _, w in chosen], rt.job.recipes, keep))]
     except torch.OutOfMemoryError:
         if len(chosen) == 1:
             raise ModelError(f"one window of {len(chosen[0][1])} tokens does not fit in GPU memory with these "
@@ -249,7 +254,21 @@ def _write_batch(writer: ShardWriter, background: BackgroundWriter, rt: Runtime,
                                    layer=output.layer, recipe=output.recipe, site=output.site)
 
         background.put(write)
+        if rt.job.interventions:
+            _write_effects(writer, background, rt, chosen, docs, pending, doc_index, window_ids)
     faults.point("batch")
+
+
+def _write_effects(writer: ShardWriter, background: BackgroundWriter, rt: Runtime, chosen: list[tuple[int, Window]],
+                   docs: ShardDocs, pending: PendingBatch, doc_index: np.ndarray, window_ids: np.ndarray) -> None:
+    """The batch's interventions, measured against its capture pass; rows to the writer thread."""
+    from .control.run import effects_batch, window_docs
+
+    clean, pending.clean = pending.clean, None  # the writer thread needs only the recipe rows
+    cols = effects_batch(rt, [w for _, w in chosen], window_docs(rt, chosen, docs), clean, rt.effect_targets)
+    index = np.asarray(cols.pop("batch_index"), dtype=np.int64)
+    cols = {"doc_index": doc_index[index], "window_index": window_ids[index], **cols}
+    background.put(lambda: writer.write_batch("effects", cols))
 
 
 def run_shard(job: JobSpec, spec: ShardSpec, rt: Runtime, out: Location | Path | str,
