@@ -151,6 +151,15 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("rollout", ".rollout:rollout", "rollout", RolloutParams, 1, stateful=True),
     Recipe("dense", ".dense:dense", "maps", DenseParams, 1),
     Recipe("groups", ".groups:groups", "group_mass", GroupsParams, 1),
+    # Saliency (pipeline/recipes/saliency.py): attention times a gradient of a chosen scalar.
+    Recipe("attn_grad", ".saliency:attn_grad", "saliency", SaliencyParams, 1, gradients=True),
+    Recipe("attn_grad_heads", ".saliency:attn_grad_heads", "saliency_heads", SaliencyHeadsParams, 1,
+           gradients=True),
+    Recipe("attn_ig", ".saliency:attn_ig", "saliency", IntegratedParams, 1, gradients=True),
+    Recipe("attn_ig_heads", ".saliency:attn_ig_heads", "saliency_heads", IntegratedHeadsParams, 1,
+           gradients=True),
+    Recipe("grad_rollout", ".saliency:grad_rollout", "saliency", GradRolloutParams, 1, stateful=True,
+           gradients=True),
 ]}
 
 
