@@ -174,6 +174,9 @@ def reduce_batch_async(lm: LoadedModel, windows: list[Window], recipes: list[dic
     cross-attention when the windows carry targets) through every recipe. With `keep` (keyword
     arguments of the model call), the pass's outputs are kept as `PendingBatch.clean`: the
     unedited pass that interventions are measured against (pipeline/control/run.py)."""
+    if any(RECIPES[r["name"]].gradients for r in recipes):  # saliency: a backward pass too
+        from .control.gradients import reduce_batch_grad
+        return reduce_batch_grad(lm, windows, recipes, keep)
     ids, attention_mask = (t.to(lm.device) for t in collate(windows, lm.pad_id))
     decoder: dict[str, torch.Tensor] = {}
     words = any(r.get("level") == "word" for r in recipes)

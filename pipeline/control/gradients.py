@@ -170,16 +170,18 @@ def _pass_key(spec: dict) -> tuple:
     return (Scalar.of(spec), spec["steps"] if integrated else None)
 
 
-def reduce_batch_grad(lm: LoadedModel, windows: list[Window], recipes: list[dict]) -> PendingBatch:
+def reduce_batch_grad(lm: LoadedModel, windows: list[Window], recipes: list[dict],
+                      keep: dict | None = None) -> PendingBatch:
     """The batch's outputs for every recipe: the other recipes through the inference-mode
-    reduce, the gradient recipes through gradient passes here; one PendingBatch of both."""
+    reduce (which also keeps the clean pass for interventions when `keep` is given), the
+    gradient recipes through gradient passes here; one PendingBatch of both."""
     if windows[0].target is not None:
         raise RecipeError("gradient recipes (attn_grad, attn_ig, grad_rollout, ...) do not support source/target "
                           "pairs yet; drop corpus.target_column or those recipes")
     plain = [i for i, r in enumerate(recipes) if not RECIPES[r["name"]].gradients]
     pending = PendingBatch([], None)
-    if plain:
-        pending = reduce_batch_async(lm, windows, [recipes[i] for i in plain])
+    if plain or keep is not None:
+        pending = reduce_batch_async(lm, windows, [recipes[i] for i in plain], keep)
         pending.parts = [(plain[j], site, cols) for j, site, cols in pending.parts]
     wanted = [i for i, r in enumerate(recipes) if RECIPES[r["name"]].gradients]
     pending.parts += _gradient_parts(lm, windows, {i: recipes[i] for i in wanted})
