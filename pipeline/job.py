@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import __version__
 from .errors import JobError
+from .groups import GroupSpec
 from .hub import is_local_only
 from .recipes import RECIPES, recipe_id, validate_recipe
 from .store.paths import FORMAT_VERSION
@@ -52,6 +53,12 @@ class CorpusSpec(_Section):
     # places in the prompt as {context}; its tokens are the `context` segment that the grounding
     # table's lookback ratios measure attention on.
     context_column: str | None = None
+    # Spans marked in the text with [brackets] (WinoBias: "[The developer] argued with ..."): the
+    # brackets are removed before the model reads the text; [[groups]] with marked = true use them.
+    marks: Literal["none", "brackets"] = "none"
+    # A regular expression whose matches are removed from every text before anything else
+    # (WinoBias's line numbers: "^\\d+ "). Token offsets point into the text without them.
+    strip: str | None = None
     id_column: str | None = None
     metadata_columns: list[str] = Field(default_factory=list)
     limit: int | None = Field(default=None, ge=1)
@@ -238,6 +245,9 @@ class JobSpec(_Section):
     model: ModelSpec = Field(default_factory=ModelSpec)
     run: RunSpec = Field(default_factory=RunSpec)
     generate: GenerateSpec | None = None
+    # Named groups of words (word lists, files, regexes, marked spans) for the groups recipe:
+    # attention mass between groups (pipeline/groups.py).
+    groups: list[GroupSpec] = Field(default_factory=list)
     interventions: list[InterventionSpec] = Field(default_factory=list)
     effects: EffectsSpec = Field(default_factory=EffectsSpec)
     # The default recipe set: head statistics, the 8 strongest keys of each query on the head
@@ -264,7 +274,8 @@ class JobSpec(_Section):
         left out; so is `corpus.limit`, since a larger limit only appends rows (a smaller one is
         refused by the plan). Not the name, output folder, device, batch size or progress."""
         # jobs without them keep their fingerprints
-        unset = {k for k in ("target_column", "context_column") if getattr(self.corpus, k) is None}
+        unset = {k for k in ("target_column", "context_column", "strip") if getattr(self.corpus, k) is None}
+        unset |= {"marks"} if self.corpus.marks == "none" else set()
         corpus = self.corpus.model_dump(exclude={"limit"} | unset)
         if self.corpus.format != "hub" and (is_local_only(self.corpus.path, Path(self.base_dir))
                                             or self.resolve(self.corpus.path).exists()):
@@ -281,6 +292,8 @@ class JobSpec(_Section):
                 "versions": {"attnpipe": __version__, "format": FORMAT_VERSION, "schema": SCHEMA_VERSION}}
         if self.generate is not None:  # jobs without one keep their fingerprint
             parts["generate"] = self.generate.model_dump(exclude={"batch_size"})
+        if self.groups:
+            parts["groups"] = [g.model_dump() for g in self.groups]
         if self.interventions:  # jobs without them keep their fingerprint
             parts["interventions"] = [i.model_dump() for i in self.interventions]
             parts["effects"] = self.effects.model_dump()
@@ -376,6 +389,7 @@ def build_job(data: dict, source: str = "job", base_dir: str | Path = ".",
                            "would store every row twice; remove one or change its parameters")
     _check_metadata_columns(job.corpus, source)
     _check_generate(job, source)
+    _check_groups(job, source)
     from .control.spec import check_interventions  # the rules live beside the code that applies them
 
     check_interventions(job, source)
@@ -500,6 +514,36 @@ def _check_generate(job: JobSpec, source: str) -> None:
     if "context" in fields and corpus.context_column is None:
         raise JobError(f"{source}: 'generate.template' places {{context}} but corpus.context_column is not set; "
                        "name the column that holds each document's context")
+
+
+def _check_groups(job: JobSpec, source: str) -> None:
+    """[[groups]], corpus.marks and corpus.strip, and the groups recipe: checked (word files read,
+    patterns compiled) before any model loads."""
+    corpus = job.corpus
+    if corpus.strip is not None:
+        try:
+            re.compile(corpus.strip)
+        except re.error as exc:
+            raise JobError(f"{source}: 'corpus.strip' {corpus.strip!r} is not a valid regular expression: {exc}") from None
+    uses = [i for i, r in enumerate(job.recipes) if r["name"] == "groups"]
+    if uses and not job.groups:
+        raise JobError(f"{source}: recipes[{uses[0]}] (groups) needs [[groups]] entries: name each group and its "
+                       "words, words_files, regex or marked = true")
+    if job.groups and not uses:
+        raise JobError(f"{source}: [[groups]] are defined but no recipe uses them; add [[recipes]] name = \"groups\"")
+    for i in uses:
+        if job.recipes[i].get("level") == "word":
+            raise JobError(f"{source}: recipes[{i}] (groups) runs on tokens (a group spans whole words already); "
+                           "remove level = \"word\"")
+    if uses and (corpus.target_column is not None or job.generate is not None):
+        raise JobError(f"{source}: the groups recipe runs on single texts; remove it, or target_column / [generate]")
+    marked = [g.name for g in job.groups if g.marked or g.only_marked]
+    if marked and corpus.marks == "none":
+        raise JobError(f"{source}: group {marked[0]!r} uses marked spans but corpus.marks is not set; set "
+                       "corpus.marks = \"brackets\" for texts with [marked] spans")
+    from .groups import compile_groups
+
+    compile_groups(job.groups, Path(job.base_dir), source)
 
 
 def _check_metadata_columns(corpus: CorpusSpec, source: str) -> None:
