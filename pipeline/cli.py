@@ -39,6 +39,7 @@ def cli():
 @cli.command()
 @click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--output", "-o", help="Output directory (overrides run.output).")
+@click.option("--corpus", "corpus_path", help="Corpus file, folder or glob (corpus.path), relative to where you run attnpipe.")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N documents (corpus.limit).")
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps (run.device).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="model.dtype.")
@@ -58,7 +59,7 @@ def cli():
                    "documents, estimated tokens and output size) without loading the model or writing anything.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @command_boundary
-def run(job_file, output, limit, device, dtype, model_name, num_shards, batch_tokens, executor, workers,
+def run(job_file, output, corpus_path, limit, device, dtype, model_name, num_shards, batch_tokens, executor, workers,
         scheduler, retries, new_run, dry_run, quiet):
     """Run JOB_FILE (TOML): corpus -> model -> recipes -> Parquet tables. Each shard is committed
     on its own; a rerun of the same job skips committed shards."""
@@ -66,7 +67,7 @@ def run(job_file, output, limit, device, dtype, model_name, num_shards, batch_to
 
     # The job file is checked before torch, datasets or the model are imported.
     job = load_job(job_file, overrides={
-        "run.output": output, "corpus.limit": limit, "run.device": device, "model.dtype": dtype,
+        "run.output": output, "corpus.path": _from_here(corpus_path), "corpus.limit": limit, "run.device": device, "model.dtype": dtype,
         "model.name": model_name, "run.num_shards": num_shards, "run.batch_tokens": batch_tokens,
         "run.executor": executor or ("dask" if workers or scheduler else None), "run.workers": workers,
         "run.scheduler": scheduler, "run.retries": retries})
@@ -498,6 +499,17 @@ def study_bias(run_a, run_b, from_group, to_group, pair_by, out_dir, resamples, 
     results.check_out(out, run_b)
     bias.write(result, out, options)
     click.echo((Path(out) / "summary.txt").read_text(encoding="utf-8"), nl=False)
+
+
+def _from_here(path: str | None) -> str | None:
+    """A local path given on the command line, made absolute (the job resolves relative ones
+    against its own folder); URLs, globs and hub names as given."""
+    if path is None or "://" in path:
+        return path
+    from pathlib import Path
+
+    local = Path(path).expanduser()
+    return str(local.resolve()) if local.exists() or any(c in path for c in "*?[") else path
 
 
 class _NoteHandler(logging.Handler):
