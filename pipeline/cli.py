@@ -512,6 +512,77 @@ def _from_here(path: str | None) -> str | None:
     return str(local.resolve()) if local.exists() or any(c in path for c in "*?[") else path
 
 
+# --- distillation: teacher vs student (pipeline/studies/distill.py, export_distill.py) --------
+
+@study.command("distill")
+@click.option("--teacher", required=True, help="Output folder of the teacher's run.")
+@click.option("--student", required=True, help="Output folder of the student's run over the same corpus.")
+@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False),
+              help="Folder for the results (default: STUDENT/_studies/distill-<teacher folder name>).")
+@click.option("--metric", type=click.Choice(["kl", "js"]), default="kl", show_default=True,
+              help="The divergence the best layer mappings minimize.")
+@click.option("--sample", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Windows on which top-k edges are checked against dense maps (runs with both).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of that sample.")
+@command_boundary
+def study_distill(teacher, student, out_dir, metric, sample, seed):
+    """How close is a student's attention to its teacher's? For every (teacher layer, student
+    layer): KL and Jensen-Shannon divergence of the attention rows, per head (equal head counts)
+    and of the head means; each student layer's closest teacher layer, the best increasing
+    mapping, and TinyBERT's uniform mapping beside them. Different tokenizers are compared on
+    the character spans both share. Exact from dense maps; from top-k edges an approximation,
+    whose error is measured on a sample when both runs have both."""
+    show_notes(quiet=False)
+    from pathlib import Path
+
+    from .studies import distill_results, results
+    from .studies.distill import DistillOptions
+    from .studies.distill import study as run_study
+
+    options = DistillOptions(metric=metric, sample=sample, seed=seed)
+    out = results.check_out(out_dir or distill_results.default_out(teacher, student), student)
+    results.check_out(out, teacher)
+    result = run_study(teacher, student, options, progress=click.echo)
+    distill_results.write(result, out, options)
+    click.echo((Path(out) / "summary.txt").read_text(encoding="utf-8"), nl=False)
+
+
+@cli.group()
+def export():
+    """Data for other programs, written from a finished dataset: distill (teacher targets)."""
+
+
+@export.command("distill")
+@click.argument("output")
+@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False),
+              help="Folder for targets.parquet (default: OUTPUT/_studies/distill-export-<format>[-k<k>]).")
+@click.option("--format", "fmt", type=click.Choice(["dense", "sparse", "sampled"]), default="dense",
+              show_default=True, help="dense: whole rows; sparse: top-k with the leftover mass; sampled: "
+                                      "keys drawn from each row with importance weights.")
+@click.option("--k", type=click.IntRange(min=1), default=8, show_default=True,
+              help="sparse: keys kept per row; sampled: draws per row.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled format's draws.")
+@command_boundary
+def export_distill(output, out_dir, fmt, k, seed):
+    """OUTPUT's dense attention maps as teacher targets for distillation, one row per (window,
+    layer, head, query), in Parquet that datasets.load_dataset("parquet") reads; with the
+    truncation error per head of the sparse and sampled formats."""
+    show_notes(quiet=False)
+    from .studies import results
+    from .studies.export_distill import ExportOptions, default_out
+    from .studies.export_distill import export as run_export
+
+    options = ExportOptions(format=fmt, k=k, seed=seed)
+    out = results.check_out(out_dir or default_out(output, options), output)
+    summary = run_export(output, out, options)
+    click.echo(f"wrote {summary['rows']:,} rows ({fmt}) of {summary['windows']} windows to {out}")
+    if "error" in summary:
+        e = summary["error"]
+        click.echo(f"{e['measure']}: mean {e['mean']:.5f}, worst head L{e['worst_head']['layer']}H"
+                   f"{e['worst_head']['head']} {e['max_head_mean']:.5f}")
+    click.echo(f"load: {summary['load']}")
+
+
 class _NoteHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         kind = "warning" if record.levelno >= logging.WARNING else "note"
