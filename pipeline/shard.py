@@ -250,8 +250,11 @@ def _write_batch(writer: ShardWriter, background: BackgroundWriter, rt: Runtime,
         def write(pending=pending, doc_index=doc_index, window_ids=window_ids) -> None:
             for output in pending.outputs():
                 table = RECIPES[job.recipes[output.recipe]["name"]].table
-                writer.write_batch(table, output_columns(output, doc_index, window_ids),
-                                   layer=output.layer, recipe=output.recipe, site=output.site)
+                cols = output_columns(output, doc_index, window_ids)
+                if "from_group" in cols:  # the groups recipe's group indices -> the [[groups]] names
+                    names = np.array([g.name for g in job.groups], dtype=object)
+                    cols["from_group"], cols["to_group"] = names[cols["from_group"]], names[cols["to_group"]]
+                writer.write_batch(table, cols, layer=output.layer, recipe=output.recipe, site=output.site)
 
         background.put(write)
         if rt.job.interventions:
