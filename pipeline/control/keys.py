@@ -7,7 +7,8 @@ a (batch, key_pos) bool matrix for the batch's windows:
 - spans: character [start, end) spans of the document text, given in the job;
 - regex: the spans of a regular expression's matches in the document text;
 - column: the spans a metadata column holds for each document ([start, end) or a list of them);
-- segment: the tokens of one kind (special, sep, punct: the batch's own token flags).
+- segment: the tokens of one kind (special, sep, punct: the batch's own token flags);
+- group: the tokens of a [[groups]] entry (pipeline/groups.py: words, word files, marked spans).
 
 A token is selected by a span when its characters overlap it (token [a, b) and span [s, e):
 a < e and b > s); special tokens cover no characters, so only positions and segments reach them.
@@ -34,6 +35,7 @@ class WindowDocs:
     doc_ids: list[str]
     texts: list[str]
     metadata: dict[str, list]  # column -> one value per window
+    groups: tuple[str, ...] = ()  # the job's [[groups]] names, in the order of Window.groups
 
 
 def char_spans(keys: KeysSpec, text: str, value=None, where: str = "") -> list[tuple[int, int]]:
@@ -78,6 +80,9 @@ def key_mask(keys: KeysSpec, windows: list[Window], docs: WindowDocs, masks: Bat
         if keys.positions is not None:
             at = [p for p in keys.positions if p < len(w)]
             chosen[row, at] = True
+            continue
+        if keys.group is not None:
+            chosen[row, : len(w)] = torch.tensor(w.groups[docs.groups.index(keys.group)], dtype=torch.bool)
             continue
         value = docs.metadata[keys.column][row] if keys.column is not None else None
         spans = char_spans(keys, docs.texts[row], value, f"document {docs.doc_ids[row]!r}, column {keys.column!r}")

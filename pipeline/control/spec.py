@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from ..job import InterventionSpec, JobSpec, KeysSpec
 
 SEGMENTS = ("special", "sep", "punct")
-KEY_WAYS = ("positions", "spans", "regex", "segment", "column")
+KEY_WAYS = ("positions", "spans", "regex", "segment", "column", "group")
 
 
 def check_interventions(job: "JobSpec", source: str) -> None:
@@ -35,7 +35,7 @@ def check_interventions(job: "JobSpec", source: str) -> None:
     labels: dict[str, int] = {}
     for i, spec in enumerate(job.interventions):
         where = f"{source}: 'interventions[{i}]"
-        _check_one(spec, where, job.corpus.metadata_columns)
+        _check_one(spec, where, job.corpus.metadata_columns, [g.name for g in getattr(job, "groups", [])])
         label = intervention_label(spec, i)
         if label in labels:
             raise JobError(f"{where}.label' {label!r} is also interventions[{labels[label]}]'s; labels name the "
@@ -49,7 +49,7 @@ def intervention_label(spec: "InterventionSpec", index: int) -> str:
     return spec.label if spec.label is not None else f"i{index}:{spec.op}"
 
 
-def _check_one(spec: "InterventionSpec", where: str, metadata: list[str]) -> None:
+def _check_one(spec: "InterventionSpec", where: str, metadata: list[str], groups: list[str]) -> None:
     for name in ("layers", "heads"):
         value = getattr(spec, name)
         if value != "all" and (not value or min(value) < 0 or len(set(value)) != len(value)):
@@ -75,10 +75,10 @@ def _check_one(spec: "InterventionSpec", where: str, metadata: list[str]) -> Non
     if spec.op != "bias" and spec.value is not None:
         raise JobError(f"{where}.value' applies to op \"bias\" only (this one is {spec.op!r})")
     name = "keys" if spec.keys is not None else "except_keys"
-    _check_keys(spec.keys or spec.except_keys, f"{where}.{name}", metadata)
+    _check_keys(spec.keys or spec.except_keys, f"{where}.{name}", metadata, groups)
 
 
-def _check_keys(keys: "KeysSpec", where: str, metadata: list[str]) -> None:
+def _check_keys(keys: "KeysSpec", where: str, metadata: list[str], groups: list[str]) -> None:
     given = [k for k in KEY_WAYS if getattr(keys, k) is not None]
     if len(given) != 1:
         raise JobError(f"{where}' must set exactly one of {', '.join(KEY_WAYS)} (got {', '.join(given) or 'none'})")
@@ -101,6 +101,8 @@ def _check_keys(keys: "KeysSpec", where: str, metadata: list[str]) -> None:
         hint = " (the context segment of generate runs is not supported with interventions yet)" \
             if keys.segment == "context" else ""
         raise JobError(f"{where}.segment' {keys.segment!r} must be one of {', '.join(SEGMENTS)}{hint}")
+    if keys.group is not None and keys.group not in groups:
+        raise JobError(f"{where}.group' {keys.group!r} is not a [[groups]] name ({', '.join(groups) or 'none defined'})")
     if keys.column is not None and keys.column not in metadata:
         raise JobError(f"{where}.column' {keys.column!r} is not in corpus.metadata_columns "
                        f"({', '.join(metadata) or 'none'}); add it there")

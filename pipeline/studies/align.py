@@ -132,9 +132,10 @@ def pooling(span: np.ndarray, spans: int) -> tuple[np.ndarray, np.ndarray]:
 
 def pool(maps: np.ndarray, span: np.ndarray, spans: int) -> tuple[np.ndarray, np.ndarray]:
     """Maps (..., query_pos, key_pos) pooled onto spans and renormalized: (..., span, span), and
-    the mass each pooled row lost before renormalizing (..., span)."""
+    the mass each pooled row had on left-out key tokens (..., span)."""
     rows, cols = pooling(span, spans)
-    pooled = rows @ maps @ cols  # (..., span, span)
+    queried = rows @ maps  # (..., span, key_pos)
+    pooled = queried @ cols  # (..., span, span)
     kept = pooled.sum(-1)
     out = pooled / np.where(kept > 0, kept, 1.0)[..., None]
-    return out, 1.0 - kept
+    return out, queried[..., span < 0].sum(-1)

@@ -234,7 +234,7 @@ def _tables(run: Run) -> str:
 def compare_window(p: np.ndarray, q: np.ndarray, a: Side, b: Side) -> tuple[np.ndarray, np.ndarray, dict]:
     """Teacher and student arrays of one window on their common spans, and what alignment did."""
     al = align(a, b)
-    info = {"teacher_tokens": len(a), "student_tokens": len(b), "spans": al.spans,
+    info = {"teacher_tokens": len(a), "student_tokens": len(b), "spans": al.spans, "aligned": not al.identity,
             "dropped_teacher": 0.0, "dropped_student": 0.0}
     if al.identity:
         return p, q, info

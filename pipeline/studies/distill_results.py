@@ -7,8 +7,8 @@ place, summary.json last.
                          counts match), kl_headmean, js_headmean
     heads.parquet        one row per (teacher_layer, student_layer, head): kl, js (equal head counts)
     mapping.parquet      one row per student layer: best, monotone and uniform teacher layers
-    windows.parquet      one row per compared window: tokens on each side, common spans, the mean
-                         attention mass left out by the alignment
+    windows.parquet      one row per compared window: tokens on each side, common spans, aligned
+                         (pooled onto them), the mean attention mass left out by the alignment
     edges_error.parquet  dense vs edges values on a sample of windows (runs with both)
     divergence.png       teacher layers x student layers heatmap of the mapping metric (matplotlib)
     summary.txt, summary.json
@@ -78,8 +78,7 @@ def summary_dict(result: DistillResult, options: DistillOptions, notes: list[str
     metric = result.metric
     summary = {"study": "distill", "teacher": _model(result.teacher), "student": _model(result.student),
                "source": result.source, "windows": d.windows, "rows": d.rows,
-               "aligned": bool((result.windows["dropped_teacher"] > 0).any()
-                               or (result.windows["teacher_tokens"] != result.windows["spans"]).any()),
+               "aligned": int(result.windows["aligned"].sum()),  # windows pooled onto common spans
                "dropped_mass": {"teacher": d.dropped_teacher / max(d.rows, 1),
                                 "student": d.dropped_student / max(d.rows, 1)},
                "metric": metric, "options": {"metric": options.metric, "sample": options.sample, "seed": options.seed},
@@ -119,7 +118,8 @@ def summary_text(s: dict, out: Path) -> str:
              f"{s['windows']} windows, {s['rows']:,} query rows, from {s['source']}"
              + (" (exact)" if s["source"] == "maps" else " (approximate)")]
     if s["aligned"]:
-        lines.append(f"tokenizers differ: compared on common character spans; attention left out by alignment "
+        lines.append(f"tokenizers differ in {s['aligned']} windows: compared on common character spans; "
+                     f"attention left out by alignment "
                      f"{s['dropped_mass']['teacher']:.3f} (teacher), {s['dropped_mass']['student']:.3f} (student)")
     lines.append(f"{metric} (nats; rows: teacher layer, columns: student layer):")
     grid = {(p["teacher_layer"], p["student_layer"]): p[metric] for p in s["pairs"]}
