@@ -321,3 +321,29 @@ def test_the_model_is_restored_after_a_gradient_pass(tokenizer):
     outputs(lm, windows, {"name": "attn_grad"}, {"name": "head_stats"})
     assert lm.model.config._attn_implementation == "attnpipe"
     assert all(p.requires_grad for p in lm.model.parameters())
+
+
+def test_class_logit_and_a_stored_lm_head_from_model_folders(tmp_path, tokenizer):
+    """scalar = class runs the folder's classifier head on the loaded layers; logprob on a bare
+    Llama (untied embeddings) reads lm_head.weight from the folder's safetensors."""
+    from transformers import AutoModelForSequenceClassification
+
+    from attnpipe.model import load_model
+
+    windows, ids, mask = batch(tokenizer)
+    torch.manual_seed(0)
+    config = TINY_CONFIGS["bert"]()
+    config.num_labels, config.id2label, config.label2id = 3, {0: "neg", 1: "neu", 2: "pos"}, {"neg": 0, "neu": 1, "pos": 2}
+    for arch, model, spec in [
+        ("bert", AutoModelForSequenceClassification.from_config(config), {"scalar": "class", "label": "pos"}),
+        ("llama", AutoModelForCausalLM.from_config(TINY_CONFIGS["llama"]()), {"scalar": "logprob"})]:
+        folder = tmp_path / arch
+        model.eval().save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask)
+        expected = out.logits[:, 2] if arch == "bert" else reference_scalar("llama", model, out, ids, mask)
+        lm = load_model(str(folder), device="cpu")
+        assert type(lm.model).__name__ in ("BertModel", "LlamaModel")
+        cols = outputs(lm, windows, {"name": "attn_grad_heads", **spec})[0][0]
+        torch.testing.assert_close(torch.from_numpy(cols["scalar"]), expected[cols["batch_index"]], **TOL)
