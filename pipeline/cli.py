@@ -547,6 +547,49 @@ def study_distill(teacher, student, out_dir, metric, sample, seed):
     click.echo((Path(out) / "summary.txt").read_text(encoding="utf-8"), nl=False)
 
 
+# --- head scan: one intervention per head (pipeline/control/heads.py, studies/heads.py) -----
+
+@study.command("heads")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--job", "job_file", required=True, type=click.Path(dir_okay=False),
+              help="A job with [[interventions]]: the template's op and keys are applied to each head alone.")
+@click.option("--target", type=click.Choice(["cosine", "kl_mean", "kl_last", "logit_diff"]), default="cosine",
+              show_default=True, help="The effect heads are ranked by: 1 - cosine of the pooled embeddings, "
+                                      "next-token KL, or the change of the targets' logit difference.")
+@click.option("--intervention", "index", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Which [[interventions]] entry of the job is the template.")
+@click.option("--sample", type=click.IntRange(min=1), default=64, show_default=True,
+              help="The first N documents of the job's corpus.")
+@click.option("--corpus", "corpus_path", help="corpus.path of the job (e.g. another copy of WinoBias).")
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Heads listed, and steered together in a second run.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@command_boundary
+def study_heads(out, job_file, target, index, sample, corpus_path, top, quiet):
+    """Rank attention heads by the effect of steering each alone (PASTA's head search; the
+    causal-mediation head scan). Runs the job's template intervention once per head on a sample
+    (OUT/scan), ranks the heads by --target, then steers the top heads together (OUT/top); writes
+    OUT/ranking-<target>.csv, summary-<target>.txt and top_heads-<target>.toml."""
+    show_notes(quiet=False)
+    from pathlib import Path
+
+    from .control import heads as scan
+    from .job import load_job
+    from .runtime import quiet_libraries
+    from .studies import heads as study
+
+    quiet_libraries()
+
+    job = load_job(job_file, overrides={"corpus.path": _from_here(corpus_path), "run.progress": not quiet})
+    out = Path(out)
+    ranking = study.rank(study.effects_of(scan.run_scan(scan.scan_job(job, index, sample, out / "scan", job_file),
+                                                        quiet)), target)
+    pairs = [(int(r.layer), int(r.head)) for r in ranking.table.head(top).itertuples()]
+    combined = study.effects_of(scan.run_scan(scan.combined_job(job, index, pairs, sample, out / "top"), quiet))
+    label = scan.template_of(job, index, job_file).label or f"interventions[{index}]"
+    click.echo(study.write(ranking, out, top, combined, label), nl=False)
+
+
 @cli.group()
 def export():
     """Data for other programs, written from a finished dataset: distill (teacher targets)."""

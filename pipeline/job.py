@@ -206,6 +206,8 @@ class KeysSpec(_Section):
     segment: str | None = None
     # A metadata column holding each document's character spans: one [start, end) pair or a list of them.
     column: str | None = None
+    # The tokens of a [[groups]] entry, by its name (words, word files, a regex or marked spans).
+    group: str | None = None
 
 
 class InterventionSpec(_Section):
@@ -220,6 +222,9 @@ class InterventionSpec(_Section):
     op: Literal["scale", "zero", "bias", "patch"]
     layers: list[int] | Literal["all"] = "all"
     heads: list[int] | Literal["all"] = "all"
+    # Instead of layers x heads: chosen heads of chosen layers, as [layer, head] pairs (the top
+    # heads of `attnpipe study heads`).
+    layer_heads: list[list[int]] | None = None
     keys: KeysSpec | None = None
     except_keys: KeysSpec | None = None
     alpha: float = Field(default=0.01, gt=0.0)  # PASTA's default; scores + log(alpha)

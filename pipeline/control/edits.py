@@ -47,10 +47,18 @@ class Edit:
     donor: dict[int, torch.Tensor] | None = None  # patch: layer -> (batch, head, query_pos, key_pos)
     patch_rows: torch.Tensor | None = None  # patch: (batch,) bool, windows that have a paired pattern
 
+    def heads_of(self, layer: int) -> list[int] | str | None:
+        """The heads edited in `layer` ("all"), None when the layer is not edited."""
+        spec = self.spec
+        if spec.layer_heads is not None:
+            return [h for l, h in spec.layer_heads if l == layer] or None
+        return spec.heads if spec.layers == "all" or layer in spec.layers else None
+
     def __call__(self, site: SiteKey, query: torch.Tensor, mask: torch.Tensor | None) -> LayerEdit | None:
-        if site.kind != "self" or (self.spec.layers != "all" and site.layer not in self.spec.layers):
+        chosen_heads = self.heads_of(site.layer) if site.kind == "self" else None
+        if chosen_heads is None:
             return None
-        heads = head_flags(self.spec.heads, query.shape[1], query.device)  # (head,)
+        heads = head_flags(chosen_heads, query.shape[1], query.device)  # (head,)
         if self.spec.op == "patch":
             return LayerEdit(patch=self.donor[site.layer], patch_heads=self.patch_rows[:, None] & heads[None, :])
         q, k = query.shape[2], self.selected.shape[1]

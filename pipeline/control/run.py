@@ -85,7 +85,8 @@ def build_edit(rt, spec: InterventionSpec, windows: list[Window], docs: WindowDo
         notes = [None if n else "no key selected" for n in chosen.sum(1).tolist()]
         return Edit(spec, lm.num_heads, selected=chosen), chosen.sum(1).tolist(), notes
     donor_ids, rows, notes = paired_inputs(rt, spec, windows, docs, ids)
-    donor = donor_probs(lm, donor_ids, attention_mask, spec.layers)
+    layers = spec.layers if spec.layer_heads is None else sorted({layer for layer, _ in spec.layer_heads})
+    donor = donor_probs(lm, donor_ids, attention_mask, layers)
     keys = [len(w) if ok else 0 for w, ok in zip(windows, rows.tolist())]
     return Edit(spec, lm.num_heads, donor=donor, patch_rows=rows), keys, notes
 

@@ -50,6 +50,13 @@ def intervention_label(spec: "InterventionSpec", index: int) -> str:
 
 
 def _check_one(spec: "InterventionSpec", where: str, metadata: list[str], groups: list[str]) -> None:
+    if spec.layer_heads is not None:
+        pairs = spec.layer_heads
+        if spec.layers != "all" or spec.heads != "all":
+            raise JobError(f"{where}.layer_heads' replaces layers and heads; remove them")
+        if not pairs or any(len(p) != 2 or min(p) < 0 for p in pairs) or len({tuple(p) for p in pairs}) != len(pairs):
+            raise JobError(f"{where}.layer_heads' {pairs!r} must be a non-empty list of distinct [layer, head] pairs "
+                           "of 0-based numbers")
     for name in ("layers", "heads"):
         value = getattr(spec, name)
         if value != "all" and (not value or min(value) < 0 or len(set(value)) != len(value)):
@@ -120,11 +127,14 @@ def _check_effects(job: "JobSpec", source: str) -> None:
 def check_against_model(job: "JobSpec", num_layers: int, num_heads: int, tokenizer) -> list[int]:
     """Layer and head numbers against the loaded model; returns the target token ids."""
     for i, spec in enumerate(job.interventions):
-        for name, limit in (("layers", num_layers), ("heads", num_heads)):
-            value = getattr(spec, name)
+        pairs = spec.layer_heads or []
+        for name, unit, limit, value in (
+                ("layers", "layers", num_layers, spec.layers), ("heads", "heads", num_heads, spec.heads),
+                ("layer_heads", "layers", num_layers, [p[0] for p in pairs] or "all"),
+                ("layer_heads", "heads", num_heads, [p[1] for p in pairs] or "all")):
             if value != "all" and max(value) >= limit:
                 raise JobError(f"interventions[{i}].{name}: {max(value)} is out of range; the model has {limit} "
-                               f"{name} (0..{limit - 1})")
+                               f"{unit} (0..{limit - 1})")
     ids = []
     for token in job.effects.targets:
         pieces = tokenizer(token, add_special_tokens=False)["input_ids"]
