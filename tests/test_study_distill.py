@@ -251,3 +251,13 @@ def test_bad_inputs_give_one_line(runs, tmp_path):
                                      runs["teacher"])
     assert "no token-level dense maps" in error("export", "distill", runs["none"])
     assert not (tmp_path / "x").exists()
+
+
+def test_commands_and_options_have_help():
+    import click
+
+    from attnpipe.cli import cli
+
+    for command in (cli.commands["study"].commands["distill"], cli.commands["export"].commands["distill"]):
+        assert (command.help or "").strip()
+        assert all((p.help or "").strip() for p in command.params if isinstance(p, click.Option))

@@ -45,7 +45,7 @@ from .. import __version__
 from ..errors import ReadError
 from .attention_runs import Key, Run, open_run
 from .distill import kl_rows
-from .results import STUDIES, _replace
+from .results import STUDIES, _remove, _replace
 
 FORMATS = ("dense", "sparse", "sampled")
 KEYS = [("doc_id", pa.string()), ("window_index", pa.int32()), ("layer", pa.int16()), ("head", pa.int16()),
@@ -155,6 +155,8 @@ def export(output: str | Path, out: Path, options: ExportOptions = ExportOptions
     keys = run.windows(run.maps)
     rng = np.random.default_rng(options.seed)
     out.mkdir(parents=True, exist_ok=True)
+    for name in ("summary.json", "truncation.parquet", "targets.parquet"):  # nothing of an earlier export mixes in
+        _remove(out / name)
     target = out / "targets.parquet"
     tmp = target.with_name(f".targets.{secrets.token_hex(4)}.tmp")
     errors, rows = [], 0
@@ -206,9 +208,10 @@ def _finish(run: Run, out: Path, options: ExportOptions, keys: list[Key], rows: 
                "load": f'datasets.load_dataset("parquet", data_files="{out / "targets.parquet"}", split="train")',
                "attnpipe_version": __version__}
     if table is not None:
-        name = table.columns[-2]
+        name = table.columns[-2]  # <measure>_mean
+        worst = table.loc[table[name].idxmax()]
         summary["error"] = {"measure": name.removesuffix("_mean"), "mean": float(table[name].mean()),
-                            "max_head_mean": float(table[name].max()),
-                            "worst_head": {k: int(v) for k, v in table.loc[table[name].idxmax(), ["layer", "head"]].items()}}
+                            "max_head_mean": float(worst[name]),
+                            "worst_head": {"layer": int(worst["layer"]), "head": int(worst["head"])}}
     _replace(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8"))
     return summary
