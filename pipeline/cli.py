@@ -581,6 +581,7 @@ def study_heads(out, job_file, target, index, sample, corpus_path, top, quiet):
     quiet_libraries()
 
     job = load_job(job_file, overrides={"corpus.path": _from_here(corpus_path), "run.progress": not quiet})
+    study.check_target(target, job.effects.logits, job.effects.targets)
     out = Path(out)
     ranking = study.rank(study.effects_of(scan.run_scan(scan.scan_job(job, index, sample, out / "scan", job_file),
                                                         quiet)), target)

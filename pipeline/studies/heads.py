@@ -37,6 +37,14 @@ class Ranking:
     windows: int
 
 
+def check_target(target: str, logits: bool, targets: list[str]) -> None:
+    """Refuse, before any run, a target the job's [effects] cannot record."""
+    if target in ("kl_mean", "kl_last", "logit_diff") and not logits:
+        raise ReadError(f"--target {target} needs [effects] logits = true in the job (a decoder language model)")
+    if target == "logit_diff" and not targets:
+        raise ReadError("--target logit_diff needs [effects] targets = [\"tok1\", \"tok2\"] in the job")
+
+
 def rank(effects: pd.DataFrame, target: str) -> Ranking:
     """Heads ranked by their mean effect (labels L<layer>.H<head>, control.heads.head_label)."""
     if target not in TARGETS:
