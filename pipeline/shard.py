@@ -221,13 +221,13 @@ class BackgroundWriter:
 def _reduce(rt: Runtime, chosen: list[tuple[int, Window]],
             stats: dict) -> list[tuple[list[tuple[int, Window]], PendingBatch]]:
     """The batch through the model; when CUDA runs out of memory, halves of it, recursively."""
-    keep = None
+    keep = {}  # interventions: the capture pass's outputs are their unedited reference
     if rt.job.interventions:
         from .control.run import output_kwargs
 
-        keep = output_kwargs(rt.job)
+        keep = {"keep": output_kwargs(rt.job)}
     try:
-        return [(chosen, reduce_batch_async(rt.model, [w for _, w in chosen], rt.job.recipes, keep))]
+        return [(chosen, reduce_batch_async(rt.model, [w for _, w in chosen], rt.job.recipes, **keep))]
     except torch.OutOfMemoryError:
         if len(chosen) == 1:
             raise ModelError(f"one window of {len(chosen[0][1])} tokens does not fit in GPU memory with these "

@@ -32,6 +32,12 @@ def check_interventions(job: "JobSpec", source: str) -> None:
     if job.model.factory is not None:
         raise JobError(f"{source}: [[interventions]] need a transformers model (the capture seam); "
                        "model.factory models are not supported")
+    from ..recipes import RECIPES
+
+    backward = [r["name"] for r in job.recipes if getattr(RECIPES[r["name"]], "gradients", False)]
+    if backward:
+        raise JobError(f"{source}: recipe {backward[0]!r} needs a backward pass, which [[interventions]] do not "
+                       "measure against yet; run them in separate jobs")
     labels: dict[str, int] = {}
     for i, spec in enumerate(job.interventions):
         where = f"{source}: 'interventions[{i}]"
