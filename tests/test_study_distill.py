@@ -261,3 +261,19 @@ def test_commands_and_options_have_help():
     for command in (cli.commands["study"].commands["distill"], cli.commands["export"].commands["distill"]):
         assert (command.help or "").strip()
         assert all((p.help or "").strip() for p in command.params if isinstance(p, click.Option))
+
+
+def test_causal_runs(tmp_path, tiny_model_dir):
+    """A decoder's rows hold keys 0..query_pos: compared with itself it gives 0, from maps and
+    from edges, and its exported rows have query_pos + 1 keys."""
+    model = tiny_model_dir("gpt2")
+    a, b = run(tmp_path / "a", model), run(tmp_path / "b", model)
+    out, pairs, summary = study_files(tmp_path, a, b)
+    assert pairs[pairs["teacher_layer"] == pairs["student_layer"]]["kl"].abs().max() < 1e-9
+    edges = pd.read_parquet(tmp_path / "s" / "edges_error.parquet")
+    assert edges[edges["teacher_layer"] == edges["student_layer"]]["kl_edges"].abs().max() < 1e-9
+    result = invoke("export", "distill", a, "--format", "sparse", "--k", "2", "--out", tmp_path / "e")
+    assert result.exit_code == 0, result.output
+    rows = pd.read_parquet(tmp_path / "e" / "targets.parquet")
+    assert (rows["num_keys"] == rows["query_pos"] + 1).all()
+    assert (rows.loc[rows["query_pos"] < 2, "truncation_kl"].abs() < 1e-9).all()  # nothing was cut
