@@ -176,11 +176,14 @@ def export(output: str | Path, out: Path, options: ExportOptions = ExportOptions
 
 
 def _error_columns(b: pa.RecordBatch, fmt: str) -> pd.DataFrame | None:
+    """Per (layer, head) of one batch: rows, sum and max of its truncation_kl (or sampling_tv),
+    so that memory does not grow with the rows exported."""
     column = {"sparse": "truncation_kl", "sampled": "sampling_tv"}.get(fmt)
     if column is None:
         return None
-    return pd.DataFrame({"layer": b["layer"].to_numpy(), "head": b["head"].to_numpy(),
-                         "error": b[column].to_numpy()})
+    frame = pd.DataFrame({"layer": b["layer"].to_numpy(), "head": b["head"].to_numpy(),
+                          "error": b[column].to_numpy().astype(np.float64)})
+    return frame.groupby(["layer", "head"])["error"].agg(rows="size", total="sum", max="max")
 
 
 def truncation_table(errors: list[pd.DataFrame | None], fmt: str) -> pd.DataFrame | None:
@@ -189,9 +192,10 @@ def truncation_table(errors: list[pd.DataFrame | None], fmt: str) -> pd.DataFram
     if not frames:
         return None
     name = "truncation_kl" if fmt == "sparse" else "sampling_tv"
-    g = pd.concat(frames).groupby(["layer", "head"])["error"]
-    return g.agg(rows="size", mean="mean", max="max").reset_index().rename(
-        columns={"mean": f"{name}_mean", "max": f"{name}_max"})
+    g = pd.concat(frames).groupby(level=["layer", "head"])
+    out = pd.DataFrame({"rows": g["rows"].sum(), f"{name}_mean": g["total"].sum() / g["rows"].sum(),
+                        f"{name}_max": g["max"].max()})
+    return out.reset_index()
 
 
 def _finish(run: Run, out: Path, options: ExportOptions, keys: list[Key], rows: int, errors: list) -> dict:
