@@ -51,8 +51,8 @@ def _reference_attention(module, query, key, value, attention_mask, **kwargs):
     output, probs = eager(module, query, key, value, attention_mask, **kwargs)
     patch = _EDITS.get("patch", {}).get(layer)
     if patch is not None:
-        probs, where = patch[0], patch[1]
-        probs = torch.where(where[:, :, None, None], patch[0], _EDITS["own"][layer])
+        recorded, where = patch  # (batch, head, q, k), (batch, head)
+        probs = torch.where(where[:, :, None, None], recorded, _EDITS["own"][layer])
         n_rep = query.shape[1] // value.shape[1]
         v = value.repeat_interleave(n_rep, dim=1)
         output = (probs @ v).transpose(1, 2).contiguous()

@@ -18,8 +18,6 @@ import torch
 from ..capture import LayerEdit, LayerInputs, SiteKey, capture_layers
 from ..job import InterventionSpec
 
-OP_VALUE = {"zero": -math.inf}
-
 
 def op_value(spec: InterventionSpec) -> float:
     """What an op adds to a chosen key's score: log(alpha), -inf or the bias value."""
@@ -27,7 +25,7 @@ def op_value(spec: InterventionSpec) -> float:
         return math.log(spec.alpha)
     if spec.op == "bias":
         return float(spec.value)
-    return OP_VALUE[spec.op]
+    return -math.inf  # zero: the key is removed, the rest renormalised
 
 
 def head_flags(chosen: list[int] | str, count: int, device: torch.device) -> torch.Tensor:
