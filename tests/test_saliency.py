@@ -139,9 +139,11 @@ def test_logprob_last_and_target_token_on_gpt2(tokenizer):
 
 # --- attn_ig: completeness and a hand-written Riemann sum ---------------------------------------
 
-def hand_riemann(model, ids, mask, layer: int, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def hand_riemann(model, ids, mask, layer: int, steps: int, shift: float = 0.0
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hao et al. through HF's own eager BERT: softmax is patched so that layer `layer`'s
-    probabilities become alpha * A (A from the unscaled pass). Returns (attribution, F(A), F(0))."""
+    probabilities become alpha * A (A from the unscaled pass), alpha = (j - shift) / steps.
+    Returns (attribution, F(A), F(0))."""
     model = copy.deepcopy(model)
     model.set_attn_implementation("eager")
     softmax = torch.nn.functional.softmax
@@ -166,7 +168,7 @@ def hand_riemann(model, ids, mask, layer: int, steps: int) -> tuple[torch.Tensor
             full = scalar()
         total = torch.zeros_like(probs)
         for j in range(1, steps + 1):
-            state["given"] = (probs * (j / steps)).requires_grad_()
+            state["given"] = (probs * ((j - shift) / steps)).requires_grad_()
             scalar().sum().backward()
             total += state["given"].grad
         state["given"] = torch.zeros_like(probs)
@@ -175,13 +177,15 @@ def hand_riemann(model, ids, mask, layer: int, steps: int) -> tuple[torch.Tensor
     return probs * total / steps, full, zero
 
 
-def test_attn_ig_equals_a_hand_written_riemann_sum(tokenizer):
+@pytest.mark.parametrize("rule, shift", [("right", 0.0), ("midpoint", 0.5)])
+def test_attn_ig_equals_a_hand_written_riemann_sum(rule, shift, tokenizer):
     lm, reference = tiny("bert", tokenizer)
     windows, ids, mask = batch(tokenizer)
-    got = outputs(lm, windows, {"name": "attn_ig", "k": ALL_KEYS, "steps": 7}, {"name": "attn_ig_heads", "steps": 7})
+    got = outputs(lm, windows, {"name": "attn_ig", "k": ALL_KEYS, "steps": 7, "rule": rule},
+                  {"name": "attn_ig_heads", "steps": 7, "rule": rule})
     valid = valid_pairs(windows, ids.shape[1], False)
     for layer in (0, 1):
-        attribution, full, zero = hand_riemann(reference, ids, mask, layer, 7)
+        attribution, full, zero = hand_riemann(reference, ids, mask, layer, 7, shift)
         expected = attribution.masked_fill(~valid, 0.0).double()
         torch.testing.assert_close(dense(got[0][layer], attribution.shape), expected, **TOL)
         heads = got[1][layer]
@@ -207,7 +211,8 @@ def test_attn_ig_completeness_converges(arch, tokenizer):
 
 def test_attn_ig_on_minilm_demo_sentences(minilm):
     """The real model: at 20 steps (Hao et al.'s choice) the completeness error is within 15% of
-    F(A) - F(0_l) on every layer (measured: 0.6% to 13%), and at 80 steps about a quarter of it."""
+    F(A) - F(0_l) on every layer (measured: 0.6% to 13%), and at 80 steps about a quarter of it;
+    the midpoint rule is within 2.5% at 5 steps (measured: at most 1.9%)."""
     windows = tokenize(minilm.tokenizer, TEXTS[:2], 128, 32)
     errors = {}
     for steps in (20, 80):
@@ -217,6 +222,9 @@ def test_attn_ig_on_minilm_demo_sentences(minilm):
         change = np.stack([np.abs(c["scalar"] - c["scalar_baseline"]) for _, c in sorted(heads.items())])
     assert np.all(errors[20] <= 0.15 * change)
     assert np.all(errors[80] <= 0.3 * errors[20])
+    heads = outputs(minilm, windows, {"name": "attn_ig_heads", "steps": 5, "rule": "midpoint"})[0]
+    for cols in heads.values():
+        assert np.all(np.abs(cols["completeness_error"]) <= 0.025 * np.abs(cols["scalar"] - cols["scalar_baseline"]))
 
 
 # --- grad_rollout against a plain implementation ------------------------------------------------

@@ -38,7 +38,7 @@ from .scalars import SCALAR_KEYS, Scalar, ScalarFn, scalar_fn
 
 GRAD_BACKEND = "attnpipe_grad"
 GRAD_SLICE_BYTES = 16 << 20  # of one layer's float32 probabilities per slice; the graph holds a few per layer
-_DRIVER_KEYS = {"name", "level", "steps", *SCALAR_KEYS}  # parameters the driver uses, not the recipe function
+_DRIVER_KEYS = {"name", "level", "steps", "rule", *SCALAR_KEYS}  # parameters the driver uses, not the recipe function
 
 
 @dataclass
@@ -139,15 +139,17 @@ def gradient_pass(session: GradSession, fn: ScalarFn, ids: torch.Tensor, mask: t
 
 
 def integrated_pass(session: GradSession, fn: ScalarFn, ids: torch.Tensor, mask: torch.Tensor,
-                    plain: Pass, steps: int) -> Pass:
-    """Hao et al.'s integrated gradients: per layer l, the mean over alpha = 1/m, ..., m/m of
-    dF/dA_l with only layer l's probabilities replaced by alpha * A_l; and F(0_l)."""
+                    plain: Pass, steps: int, rule: str = "right") -> Pass:
+    """Hao et al.'s integrated gradients: per layer l, the mean over alpha = 1/m, ..., m/m (rule
+    "right"; "midpoint": alpha = (j - 1/2)/m) of dF/dA_l with only layer l's probabilities
+    replaced by alpha * A_l; and F(0_l)."""
+    shift = 0.5 if rule == "midpoint" else 0.0
     session.keep = False
     layers, baselines = {}, {}
     for site, (probs, _) in plain.layers.items():
         total = torch.zeros_like(probs)
         for j in range(1, steps + 1):
-            scaled = (probs * (j / steps)).requires_grad_()
+            scaled = (probs * ((j - shift) / steps)).requires_grad_()
             session.given = (site, scaled)
             total += torch.autograd.grad(fn(ids, mask).sum(), scaled)[0]
         session.given = (site, torch.zeros_like(probs))
@@ -165,9 +167,10 @@ def grad_slices(lm: LoadedModel, windows: int, size: int) -> list[tuple[int, int
 
 
 def _pass_key(spec: dict) -> tuple:
-    """Recipes with the same key share their passes: the scalar, and the steps of integrated ones."""
+    """Recipes with the same key share their passes: the scalar, and the steps and rule of
+    integrated ones."""
     integrated = spec["name"] in ("attn_ig", "attn_ig_heads")
-    return (Scalar.of(spec), spec["steps"] if integrated else None)
+    return (Scalar.of(spec), (spec["steps"], spec["rule"]) if integrated else None)
 
 
 def reduce_batch_grad(lm: LoadedModel, windows: list[Window], recipes: list[dict],
@@ -206,14 +209,15 @@ def _gradient_parts(lm: LoadedModel, windows: list[Window], recipes: dict[int, d
 
 def _slice_passes(session: GradSession, fns: dict[tuple, ScalarFn], ids: torch.Tensor, mask: torch.Tensor
                   ) -> dict[tuple, Pass]:
-    """The passes a slice needs: one plain pass per scalar, one integrated per (scalar, steps)."""
+    """The passes a slice needs: one plain pass per scalar, one integrated per (scalar, steps, rule)."""
     plain: dict[Scalar, Pass] = {}
     passes = {}
     for key, fn in fns.items():
-        scalar, steps = key
+        scalar, integral = key
         if scalar not in plain:
             plain[scalar] = gradient_pass(session, fn, ids, mask)
-        passes[key] = plain[scalar] if steps is None else integrated_pass(session, fn, ids, mask, plain[scalar], steps)
+        passes[key] = plain[scalar] if integral is None else \
+            integrated_pass(session, fn, ids, mask, plain[scalar], *integral)
     return passes
 
 

@@ -103,6 +103,8 @@ class SaliencyParams(ScalarParams):
 
 class IntegratedParams(SaliencyParams):
     steps: int = Field(default=20, ge=1, le=1000, description="Riemann steps of the integral over alpha")
+    rule: Literal["right", "midpoint"] = Field(
+        default="right", description="alpha at step j of m: j/m (Hao et al.), or (j - 1/2)/m (error O(1/m^2))")
 
 
 class SaliencyHeadsParams(ScalarParams):
@@ -111,6 +113,8 @@ class SaliencyHeadsParams(ScalarParams):
 
 class IntegratedHeadsParams(ScalarParams):
     steps: int = Field(default=20, ge=1, le=1000, description="Riemann steps of the integral over alpha")
+    rule: Literal["right", "midpoint"] = Field(
+        default="right", description="alpha at step j of m: j/m (Hao et al.), or (j - 1/2)/m (error O(1/m^2))")
 
 
 class GradRolloutParams(ScalarParams):

@@ -7,8 +7,8 @@ respect to them, both (batch, head, query_pos, key_pos), from the gradient drive
 
 - attn_grad: G = dF/dA at the model's own attention (attention x gradient).
 - attn_ig: G = (1/m) sum_{j=1..m} dF(j/m * A_l)/dA_l, Hao et al. 2021's integrated gradients with
-  an m-step right Riemann sum, where only layer l's probabilities are scaled (the layers above it
-  recompute theirs from what they receive). Completeness: summed over heads and pairs, the
+  an m-step right Riemann sum (rule "midpoint": alpha = (j - 1/2)/m), where only layer l's
+  probabilities are scaled (the layers above it recompute theirs from what they receive). Completeness: summed over heads and pairs, the
   attribution approaches F(A) - F(0_l), F(0_l) being F with layer l's probabilities all zero.
 - grad_rollout: Chefer et al. 2021's rollout of mean_h (A * G)^+ with G = dF/dA.
 """
@@ -90,10 +90,11 @@ def attn_grad_heads(sal: LayerSaliency) -> dict[str, torch.Tensor]:
 def attn_ig(sal: LayerSaliency, *, k: int) -> dict[str, torch.Tensor]:
     """Integrated gradients over attention (Hao et al. 2021), top k keys per query by |value|.
 
-    For layer l: A_l * (1/m) sum_{j=1..m} dF(j/m A_l)/dA_l, m = steps (default 20), where only
-    layer l's probabilities are replaced by j/m * A_l and every other layer runs as usual. Costs
-    (steps + 1) forward passes per layer and steps backward passes. Rows as attn_grad; the
-    completeness error is in attn_ig_heads.
+    For layer l: A_l * (1/m) sum_{j=1..m} dF(alpha_j A_l)/dA_l, m = steps (default 20), where
+    only layer l's probabilities are replaced by alpha_j * A_l and every other layer runs as
+    usual; alpha_j = j/m (rule "right", Hao et al.) or (j - 1/2)/m (rule "midpoint": the same
+    cost, error O(1/m^2) instead of O(1/m)). Costs (steps + 1) forward passes per layer and
+    steps backward passes. Rows as attn_grad; the completeness error is in attn_ig_heads.
     """
     return _top_edges(sal, k)
 
@@ -104,7 +105,7 @@ def attn_ig_heads(sal: LayerSaliency) -> dict[str, torch.Tensor]:
     attribution_sum, attribution_abs, scalar as attn_grad_heads; scalar_baseline: F with layer l's
     probabilities zero, F(0_l); completeness_error: (sum over heads of attribution_sum) -
     (scalar - scalar_baseline), the same on every head row of a window and layer. It shrinks as
-    steps grows (the right Riemann sum's error is O(1/steps)).
+    steps grows: O(1/steps) for rule "right", O(1/steps^2) for "midpoint".
     """
     cols = _head_totals(sal)
     b = cols["batch_index"]
