@@ -321,3 +321,35 @@ def test_bad_model_numbers_give_one_line(tmp_path, tiny_model_dir):
     result = invoke("run", job)
     assert result.exit_code == 1 and "interventions[0].heads: 4 is out of range; the model has 4 heads" \
         in result.output, result.output
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_unpadded_batch_without_a_mask(backend, tokenizer):
+    """BERT without padding gets no mask from transformers; the bias alone is the mask then."""
+    lm, reference = loaded("bert", tokenizer)
+    windows = tokenize(tokenizer, [TEXTS[0]], max_length=64, stride=8)
+    ids, mask = collate(windows, tokenizer.pad_token_id)
+    chosen = torch.zeros(ids.shape, dtype=torch.bool)
+    chosen[:, 2:5] = True
+    bias = torch.zeros(1, 4, ids.shape[1], ids.shape[1])
+    bias[:, 1] = torch.where(chosen[:, None, :], -math.inf, 0.0)
+    want = _reference(reference, ids, mask, {"bias": {0: bias}})
+    got = _edited(lm, ids, mask, Edit(_spec(op="zero", layers=[0], heads=[1], keys={"positions": [2, 3, 4]}), 4,
+                                      selected=chosen), backend)
+    _compare(got, want, mask)
+
+
+def test_missing_mask_of_a_causal_module_stays_causal():
+    """A causal module handed no mask: the bias is added to the causal triangle, not to zeros."""
+    from attnpipe.capture import biased_mask
+
+    module = torch.nn.Module()
+    module.is_causal = True
+    query, key = torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4)
+    bias = torch.zeros(1, 2, 3, 3)
+    bias[:, 0, :, 0] = 1.5
+    got = biased_mask(None, bias, query, key, module)
+    low = torch.finfo(torch.float32).min
+    want = torch.tensor([[0.0, low, low], [0.0, 0.0, low], [0.0, 0.0, 0.0]]).expand(1, 2, 3, 3).clone()
+    want[:, 0, :, 0] += 1.5
+    torch.testing.assert_close(got, want)
