@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import sys
 
 import pyarrow.parquet as pq
@@ -293,7 +294,7 @@ BAD = [
     ({"op": "zero", "keys": {}}, "must set exactly one of positions"),
     ({"op": "zero", "keys": {"regex": "("}}, "is not a regular expression"),
     ({"op": "zero", "keys": {"regex": "x*"}}, "matches the empty string"),
-    ({"op": "zero", "keys": {"segment": "context"}}, "not supported with interventions yet"),
+    ({"op": "zero", "keys": {"segment": "context"}}, "is a prompt segment of generate runs"),
     ({"op": "zero", "keys": {"column": "nope"}}, "not in corpus.metadata_columns"),
     ({"op": "zero", "keys": {"spans": [[5, 2]]}}, "is not a character span"),
     ({"op": "bias", "keys": {"positions": [1]}}, "'interventions[0].value' is missing"),
@@ -353,3 +354,82 @@ def test_missing_mask_of_a_causal_module_stays_causal():
     want = torch.tensor([[0.0, low, low], [0.0, 0.0, low], [0.0, 0.0, 0.0]]).expand(1, 2, 3, 3).clone()
     want[:, 0, :, 0] += 1.5
     torch.testing.assert_close(got, want)
+
+
+def _reference_generate_attention(module, query, key, value, attention_mask, **kwargs):
+    """HF eager attention plus the test's prompt-key bias, padded to the growing keys."""
+    selected, value_added, heads = _EDITS["generate"]
+    k = key.shape[2]
+    sel = torch.zeros(selected.shape[0], k, dtype=torch.bool)
+    sel[:, : min(k, selected.shape[1])] = selected[:, :k]
+    bias = torch.where(sel[:, None, None, :] & heads[None, :, None, None], value_added, 0.0)
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    return eager(module, query, key, value, attention_mask[..., :k] + bias, **kwargs)
+
+
+AttentionInterface.register("ref_generate", _reference_generate_attention)
+AttentionMaskInterface.register("ref_generate", eager_mask)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_generate_with_an_intervention_equals_hf_generate(arch, tmp_path, tokenizer):
+    """A generate run with [[interventions]]: the text generated with the edit equals HF
+    generate (greedy, KV cache, the same left-padded batch) through an attention function that
+    adds log(alpha) to the selected prompt keys in heads 1 and 3 of every layer; a selection that
+    finds nothing reproduces documents.generated_text."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    from attnpipe.generate.decode import decoded
+    from attnpipe.read import open_dataset
+
+    configs = {"gpt2": GPT2Config(vocab_size=30522, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                                  bos_token_id=None, eos_token_id=None),
+               "llama": LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                    bos_token_id=None, eos_token_id=None)}
+    torch.manual_seed(1)
+    model_dir = tmp_path / "lm"
+    AutoModelForCausalLM.from_config(configs[arch]).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    rows = [{"id": "a", "text": "The old mill stands by the river."}, {"id": "b", "text": "Nobody came."},
+            {"id": "c", "text": "The fisherman painted his boat blue last spring, after the storm."}]
+    corpus = _corpus(tmp_path, rows)
+    job = tmp_path / "gen.toml"
+    job.write_text(f'name = "gen"\n[corpus]\npath = "{corpus}"\nid_column = "id"\n[model]\nname = "{model_dir}"\n'
+                   f'[run]\noutput = "{tmp_path / "out"}"\nprogress = false\n'
+                   '[generate]\nmax_new_tokens = 6\nbatch_size = 3\nchat_template = false\n'
+                   '[[recipes]]\nname = "head_stats"\n'
+                   '[[interventions]]\nlabel = "emph"\nop = "scale"\nalpha = 0.001\nheads = [1, 3]\n'
+                   'except_keys = { regex = "(?i)mill|nobody|boat" }\n'
+                   '[[interventions]]\nlabel = "none"\nop = "zero"\nkeys = { regex = "zebra" }\n')
+    result = invoke("run", job)
+    assert result.exit_code == 0, result.output
+    ds = open_dataset(tmp_path / "out")
+    effects = ds.to_pandas("effects").sort_values(["label", "doc_id"])
+    documents = ds.to_pandas("documents").sort_values("doc_id")
+    assert effects[effects.label == "none"].generated_text.tolist() == documents.generated_text.tolist()
+    tokens = ds.to_pandas("tokens").sort_values(["doc_id", "position"])
+    docs = sorted(tokens.doc_id.unique())
+    prompts = [tokens[(tokens.doc_id == d) & (tokens.side == "source")] for d in docs]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(docs), width), tokenizer.pad_token_id)
+    mask, selected = torch.zeros_like(ids), torch.zeros(len(docs), width, dtype=torch.bool)
+    for b, (p, row) in enumerate(zip(prompts, sorted(rows, key=lambda r: r["id"]))):
+        pad = width - len(p)
+        ids[b, pad:] = torch.tensor(p.token_id.tolist())
+        mask[b, pad:] = 1
+        spans = [m.span() for m in re.finditer("(?i)mill|nobody|boat", row["text"])]
+        hit = [e > s and any(s < b_ and e > a_ for a_, b_ in spans) for s, e in zip(p.char_start, p.char_end)]
+        selected[b, pad:] = ~torch.tensor(hit)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="ref_generate").eval()
+    _EDITS["generate"] = (selected, math.log(0.001), torch.tensor([False, True, False, True]))
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+    finally:
+        _EDITS.clear()
+    want = [decoded(tokenizer, out[b, width:].tolist())[0] for b in range(len(docs))]
+    assert effects[effects.label == "emph"].generated_text.tolist() == want
+    assert want != documents.generated_text.tolist()  # the edit changed what was generated
+    assert effects[effects.label == "emph"]["keys"].tolist() == [len(p) - 1 for p in prompts]  # one marked word each

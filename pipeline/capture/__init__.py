@@ -169,7 +169,7 @@ def biased_mask(mask: torch.Tensor | None, bias: torch.Tensor, query: torch.Tens
         if getattr(module, "is_causal", False) and q > 1:
             mask = mask.masked_fill(torch.ones(q, k, dtype=torch.bool, device=query.device).triu(k - q + 1),
                                     torch.finfo(query.dtype).min)
-    mask = mask[..., :k]  # some models hand a mask wider than the keys
+    mask, bias = mask[..., :k], bias[..., :k]  # some models hand a mask wider than the keys
     low = torch.finfo(mask.dtype).min
     edited = (mask + bias.to(mask.dtype)).clamp_(min=low)  # -inf + min stays finite
     lost = (edited <= low).all(-1, keepdim=True) & ~(mask <= low).all(-1, keepdim=True)

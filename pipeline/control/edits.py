@@ -59,10 +59,20 @@ class Edit:
         heads = head_flags(chosen_heads, query.shape[1], query.device)  # (head,)
         if self.spec.op == "patch":
             return LayerEdit(patch=self.donor[site.layer], patch_heads=self.patch_rows[:, None] & heads[None, :])
-        q, k = query.shape[2], self.selected.shape[1]
-        chosen = self.selected[:, None, None, :] & heads[None, :, None, None]  # (batch, head, 1, key_pos)
+        q = query.shape[2]
+        selected = _fit(self.selected, mask.shape[-1] if mask is not None else self.selected.shape[1])
+        k = selected.shape[1]
+        chosen = selected[:, None, None, :] & heads[None, :, None, None]  # (batch, head, 1, key_pos)
         bias = torch.zeros(chosen.shape[0], query.shape[1], q, k, device=query.device, dtype=torch.float32)
         return LayerEdit(bias=bias.masked_fill_(chosen, op_value(self.spec)))
+
+
+def _fit(selected: torch.Tensor, keys: int) -> torch.Tensor:
+    """(batch, keys): the selection over the first keys, unselected past them (the tokens a
+    generate run adds to its KV cache after the prompt)."""
+    if selected.shape[1] >= keys:
+        return selected[:, :keys]
+    return torch.nn.functional.pad(selected, (0, keys - selected.shape[1]), value=False)
 
 
 def donor_probs(lm, ids: torch.Tensor, attention_mask: torch.Tensor, layers: list[int] | str

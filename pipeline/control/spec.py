@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from ..job import InterventionSpec, JobSpec, KeysSpec
 
 SEGMENTS = ("special", "sep", "punct")
+GENERATE_SEGMENTS = ("context", "question", "system", "template", "special")  # of a prompt (generate/prompts.py)
 KEY_WAYS = ("positions", "spans", "regex", "segment", "column", "group")
 
 
@@ -23,9 +24,6 @@ def check_interventions(job: "JobSpec", source: str) -> None:
             raise JobError(f"{source}: '[effects]' is set but the job has no [[interventions]]; add one or "
                            "remove [effects]")
         return
-    if job.generate is not None:
-        raise JobError(f"{source}: [[interventions]] and [generate] are both set; interventions apply to forward "
-                       "runs (generation with and without an intervention is not supported yet): remove one")
     if job.corpus.target_column is not None:
         raise JobError(f"{source}: [[interventions]] apply to single-stack forward runs; corpus.target_column "
                        "(encoder-decoder pairs) is not supported with them yet")
@@ -42,12 +40,37 @@ def check_interventions(job: "JobSpec", source: str) -> None:
     for i, spec in enumerate(job.interventions):
         where = f"{source}: 'interventions[{i}]"
         _check_one(spec, where, job.corpus.metadata_columns, [g.name for g in getattr(job, "groups", [])])
+        if job.generate is not None:
+            _check_generate(spec, where)
         label = intervention_label(spec, i)
         if label in labels:
             raise JobError(f"{where}.label' {label!r} is also interventions[{labels[label]}]'s; labels name the "
                            "rows of the effects table, so each must be unique")
         labels[label] = i
+    if job.generate is None:
+        bad = [(i, s.keys or s.except_keys) for i, s in enumerate(job.interventions)]
+        bad = [(i, k.segment) for i, k in bad if k is not None and k.segment in set(GENERATE_SEGMENTS) - set(SEGMENTS)]
+        if bad:
+            raise JobError(f"{source}: 'interventions[{bad[0][0]}]' segment {bad[0][1]!r} is a prompt segment of "
+                           f"generate runs; forward runs have {', '.join(SEGMENTS)}")
+    elif job.effects.logits or job.effects.targets:
+        raise JobError(f"{source}: [effects] measures forward runs; a generate run records the generated text")
     _check_effects(job, source)
+
+
+def _check_generate(spec: "InterventionSpec", where: str) -> None:
+    """Generate runs choose keys in the prompt (pipeline/control/generate.py)."""
+    if spec.op == "patch":
+        raise JobError(f"{where}': op \"patch\" is for forward runs (a pattern of another input has no place in a "
+                       "growing generation); use scale, zero or bias with [generate]")
+    keys = spec.keys or spec.except_keys
+    name = "keys" if spec.keys is not None else "except_keys"
+    if keys.column is not None or keys.group is not None:
+        raise JobError(f"{where}.{name}': generate runs choose keys in the prompt by positions, spans, regex or "
+                       f"segment ({', '.join(GENERATE_SEGMENTS)})")
+    if keys.segment is not None and keys.segment not in GENERATE_SEGMENTS:
+        raise JobError(f"{where}.{name}.segment' {keys.segment!r}: a generate run's segments are "
+                       f"{', '.join(GENERATE_SEGMENTS)}")
 
 
 def intervention_label(spec: "InterventionSpec", index: int) -> str:
@@ -110,10 +133,9 @@ def _check_keys(keys: "KeysSpec", where: str, metadata: list[str], groups: list[
         if re.compile(keys.regex).match(""):
             raise JobError(f"{where}.regex' {keys.regex!r} matches the empty string, which selects no key; "
                            "make it match at least one character")
-    if keys.segment is not None and keys.segment not in SEGMENTS:
-        hint = " (the context segment of generate runs is not supported with interventions yet)" \
-            if keys.segment == "context" else ""
-        raise JobError(f"{where}.segment' {keys.segment!r} must be one of {', '.join(SEGMENTS)}{hint}")
+    if keys.segment is not None and keys.segment not in SEGMENTS + GENERATE_SEGMENTS:
+        raise JobError(f"{where}.segment' {keys.segment!r} must be one of {', '.join(SEGMENTS)} (generate runs: "
+                       f"{', '.join(GENERATE_SEGMENTS)})")
     if keys.group is not None and keys.group not in groups:
         raise JobError(f"{where}.group' {keys.group!r} is not a [[groups]] name ({', '.join(groups) or 'none defined'})")
     if keys.column is not None and keys.column not in metadata:

@@ -48,6 +48,11 @@ def write_generations(writer: ShardWriter, rt: Runtime, docs: ShardDocs, progres
                 done = generate_batch(lm, [prompts[i] for i in chosen], [names[i] for i in chosen], gen,
                                       rt.job.recipes, emit)
                 results.update(zip(chosen, done))
+                if rt.job.interventions:  # the same prompts again, with each intervention (pipeline/control)
+                    from ..control.generate import generate_effects
+
+                    cols = generate_effects(rt, [prompts[i] for i in chosen], [names[i] for i in chosen], doc_index)
+                    background.put(lambda cols=cols: writer.write_batch("effects", cols))
                 faults.point("batch")
                 if progress:
                     progress(len(chosen), sum(len(prompts[i]) + len(g.ids) for i, g in zip(chosen, done)),
