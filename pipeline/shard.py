@@ -265,10 +265,10 @@ def _write_batch(writer: ShardWriter, background: BackgroundWriter, rt: Runtime,
 def _write_effects(writer: ShardWriter, background: BackgroundWriter, rt: Runtime, chosen: list[tuple[int, Window]],
                    docs: ShardDocs, pending: PendingBatch, doc_index: np.ndarray, window_ids: np.ndarray) -> None:
     """The batch's interventions, measured against its capture pass; rows to the writer thread."""
-    from .control.run import effects_batch, window_docs
+    from .control.run import effects_bounded, window_docs
 
     clean, pending.clean = pending.clean, None  # the writer thread needs only the recipe rows
-    cols = effects_batch(rt, [w for _, w in chosen], window_docs(rt, chosen, docs), clean, rt.effect_targets)
+    cols = effects_bounded(rt, [w for _, w in chosen], window_docs(rt, chosen, docs), clean, rt.effect_targets)
     index = np.asarray(cols.pop("batch_index"), dtype=np.int64)
     cols = {"doc_index": doc_index[index], "window_index": window_ids[index], **cols}
     background.put(lambda: writer.write_batch("effects", cols))

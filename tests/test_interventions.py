@@ -16,6 +16,7 @@ import math
 import re
 import sys
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -433,3 +434,30 @@ def test_generate_with_an_intervention_equals_hf_generate(arch, tmp_path, tokeni
     assert effects[effects.label == "emph"].generated_text.tolist() == want
     assert want != documents.generated_text.tolist()  # the edit changed what was generated
     assert effects[effects.label == "emph"]["keys"].tolist() == [len(p) - 1 for p in prompts]  # one marked word each
+
+
+def test_out_of_memory_halves_the_intervened_batch(tmp_path, tiny_model_dir, monkeypatch):
+    """CUDA running out of memory in an intervened pass: the batch is measured in halves, with
+    the same rows as one pass (simulated on the CPU: batches of more than one window fail)."""
+    from attnpipe.control import run as control_run
+
+    rows = [{"id": f"d{i}", "text": t} for i, t in enumerate(TEXTS)]
+    job = write_job(tmp_path, _corpus(tmp_path, rows), tiny_model_dir("gpt2"), extra='id_column = "id"',
+                    recipes='[[recipes]]\nname = "head_stats"\n[[interventions]]\nop = "zero"\nkeys = { regex = "the" }\n'
+                            '[effects]\nlogits = true\n')
+    assert invoke("run", job).exit_code == 0
+    whole = pq.read_table(next((tmp_path / "out").glob("effects/*.parquet"))).to_pandas()
+    real = control_run.effects_batch
+
+    def tight(rt, windows, *args):
+        if len(windows) > 1:
+            raise torch.OutOfMemoryError("simulated")
+        return real(rt, windows, *args)
+
+    monkeypatch.setattr(control_run, "effects_batch", tight)
+    result = invoke("run", job, "--output", tmp_path / "halved")
+    assert result.exit_code == 0, result.output
+    halved = pq.read_table(next((tmp_path / "halved").glob("effects/*.parquet"))).to_pandas()
+    assert halved["doc_id"].tolist() == whole["doc_id"].tolist()
+    for col in ("cosine", "kl_mean", "kl_last", "keys"):
+        np.testing.assert_allclose(halved[col].to_numpy(float), whole[col].to_numpy(float), atol=1e-5)

@@ -10,6 +10,7 @@ Interventions:
 - effects.py  how far the model's output moved: pooled-embedding cosine, next-token KL, logit
               differences
 - run.py      one batch: its intervened passes against the unedited one, rows of `effects`
+- generate.py generate runs: the prompts generated again with each intervention
 - heads.py    the head scan: one intervention per head, through the job API
 
 Nothing here is imported when a job has no interventions (spec.py needs no torch).

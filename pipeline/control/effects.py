@@ -26,6 +26,11 @@ class Outputs:
     logprobs: torch.Tensor | None = None  # (batch, pos, vocab) float32 log-softmax; None without logits
     last_logits: torch.Tensor | None = None  # (batch, vocab) float32 at the last real token
 
+    def rows(self, lo: int, hi: int, width: int) -> "Outputs":
+        """Windows lo..hi, positions cut to `width` (their own padded length)."""
+        return Outputs(self.pooled[lo:hi], None if self.logprobs is None else self.logprobs[lo:hi, :width],
+                       None if self.last_logits is None else self.last_logits[lo:hi])
+
     @classmethod
     def of(cls, output, attention_mask: torch.Tensor) -> "Outputs":
         """From a transformers output: last_hidden_state (or hidden_states[-1] and logits of a

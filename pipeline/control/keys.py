@@ -37,6 +37,10 @@ class WindowDocs:
     metadata: dict[str, list]  # column -> one value per window
     groups: tuple[str, ...] = ()  # the job's [[groups]] names, in the order of Window.groups
 
+    def rows(self, lo: int, hi: int) -> "WindowDocs":
+        return WindowDocs(self.doc_ids[lo:hi], self.texts[lo:hi], {k: v[lo:hi] for k, v in self.metadata.items()},
+                          self.groups)
+
 
 def char_spans(keys: KeysSpec, text: str, value=None, where: str = "") -> list[tuple[int, int]]:
     """The character spans a selection names in one document (`value`: its metadata column's)."""

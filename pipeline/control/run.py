@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..capture import editing
+from ..errors import ModelError
 from ..job import InterventionSpec, JobSpec
 from ..reduce import batch_masks
 from ..windows import Window, collate, tokenize
@@ -65,6 +66,24 @@ def effects_batch(rt, windows: list[Window], docs: WindowDocs, clean: Outputs, t
             cols[name] += [None] * n if values is None else [
                 None if note and spec.op == "patch" else float(v) for v, note in zip(values, notes)]
     return cols
+
+
+def effects_bounded(rt, windows: list[Window], docs: WindowDocs, clean: Outputs, targets: list[int]) -> dict:
+    """`effects_batch`, and when CUDA runs out of memory, of halves of the batch, recursively
+    (as the capture pass, pipeline/shard.py)."""
+    try:
+        return effects_batch(rt, windows, docs, clean, targets)
+    except torch.OutOfMemoryError:
+        if len(windows) == 1:
+            raise ModelError(f"one window of {len(windows[0])} tokens does not fit in GPU memory for its "
+                             "interventions; lower model.max_length (or leave [effects] logits out)") from None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    half = len(windows) // 2
+    parts = [(lo, effects_bounded(rt, windows[lo:hi], docs.rows(lo, hi),
+                                  clean.rows(lo, hi, max(len(w) for w in windows[lo:hi])), targets))
+             for lo, hi in ((0, half), (half, len(windows)))]
+    return {k: [v + lo if k == "batch_index" else v for lo, cols in parts for v in cols[k]] for k in parts[0][1]}
 
 
 def output_kwargs(job: JobSpec) -> dict:
