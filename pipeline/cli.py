@@ -481,8 +481,14 @@ def study_grounding(output, labels_file, detector_file, out_dir, folds, seed, bo
 @click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True,
               help="False discovery rate for calling a head's difference significant.")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--check", "check_heads", type=click.IntRange(min=1),
+              help="Run both corpora again with the N top heads' attention to the to-group removed, and as many "
+                   "random heads (--random sets): does the output gap between A and B move more for the top heads?")
+@click.option("--random", "random_sets", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Random head sets for --check.")
 @command_boundary
-def study_bias(run_a, run_b, from_group, to_group, pair_by, out_dir, resamples, seed, alpha, top):
+def study_bias(run_a, run_b, from_group, to_group, pair_by, out_dir, resamples, seed, alpha, top, check_heads,
+               random_sets):
     """Attention between word groups in two runs over paired corpora (pro- vs anti-stereotyped): per
     layer and head, the mean paired difference of the from-group's attention mass on the to-group,
     its bootstrap interval, a permutation p-value and Benjamini-Hochberg q-value over all heads; the
@@ -497,7 +503,14 @@ def study_bias(run_a, run_b, from_group, to_group, pair_by, out_dir, resamples, 
     default = Path(str(run_a).removeprefix("file://")) / results.STUDIES / f"bias-{result.from_group}-{result.to_group}"
     out = results.check_out(out_dir or default, run_a)
     results.check_out(out, run_b)
-    bias.write(result, out, options)
+    checked = None
+    if check_heads:
+        from .studies import bias_check
+
+        checked = bias_check.check(run_a, run_b, result.heads, result.to_group, check_heads, random_sets, seed,
+                                   int(result.provenance["num_layers"]), int(result.provenance["num_heads"]),
+                                   progress=click.echo)
+    bias.write(result, out, options, checked)
     click.echo((Path(out) / "summary.txt").read_text(encoding="utf-8"), nl=False)
 
 

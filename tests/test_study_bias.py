@@ -85,6 +85,22 @@ def test_study_end_to_end(tmp_path, tiny_model_dir):
     assert invoke("verify", a).exit_code == 0
 
 
+def test_check_reruns_with_top_and_random_heads(tmp_path, tiny_model_dir):
+    """--check: both corpora again through their recorded jobs, one intervention per head set; the
+    top heads and the random sets are reported, and nothing is left in the runs' folders."""
+    a, b = run_pair(tmp_path, tiny_model_dir("bert"))
+    before = sorted(p.relative_to(a) for p in a.rglob("*") if "_studies" not in p.parts)
+    result = invoke("study", "bias", "--a", a, "--b", b, "--from", "pronoun", "--to", "occupation",
+                    "--resamples", "200", "--check", "2", "--random", "3")
+    assert result.exit_code == 0, result.output
+    assert "check: the top 2 heads" in result.output and "3 random sets of 2 heads" in result.output
+    out = a / "_studies" / "bias-pronoun-occupation"
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["check"]["heads"]) == 2 and summary["check"]["pairs"] == 6
+    assert len(pd.read_parquet(out / "check_random.parquet")) == 3
+    assert sorted(p.relative_to(a) for p in a.rglob("*") if "_studies" not in p.parts) == before
+
+
 def test_study_errors(tmp_path, tiny_model_dir):
     a, b = run_pair(tmp_path, tiny_model_dir("bert"))
     line = error_line(invoke("study", "bias", "--a", a, "--b", b, "--from", "verb", "--to", "occupation"))
