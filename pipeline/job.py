@@ -534,8 +534,10 @@ def _check_groups(job: JobSpec, source: str) -> None:
     if uses and not job.groups:
         raise JobError(f"{source}: recipes[{uses[0]}] (groups) needs [[groups]] entries: name each group and its "
                        "words, words_files, regex or marked = true")
-    if job.groups and not uses:
-        raise JobError(f"{source}: [[groups]] are defined but no recipe uses them; add [[recipes]] name = \"groups\"")
+    keyed = {k.group for i in job.interventions for k in (i.keys, i.except_keys) if k is not None and k.group}
+    if job.groups and not uses and not keyed:
+        raise JobError(f"{source}: [[groups]] are defined but neither a recipe nor an intervention uses them; add "
+                       "[[recipes]] name = \"groups\", or remove them")
     for i in uses:
         if job.recipes[i].get("level") == "word":
             raise JobError(f"{source}: recipes[{i}] (groups) runs on tokens (a group spans whole words already); "

@@ -115,7 +115,7 @@ def test_study_errors(tmp_path, tiny_model_dir):
 
 @pytest.mark.parametrize("extra, recipes, expect", [
     ("", RECIPES, "needs [[groups]]"),
-    ("", GROUPS, "no recipe uses them"),
+    ("", GROUPS, "neither a recipe nor an intervention uses them"),
     ("", GROUPS + RECIPES, "corpus.marks is not set"),
     ('marks = "brackets"\nstrip = "("', GROUPS + RECIPES, "'corpus.strip'"),
 ])
