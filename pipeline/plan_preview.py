@@ -172,19 +172,24 @@ def estimate_size(job: JobSpec, shape: dict, full: np.ndarray, last: np.ndarray,
         recipe = RECIPES[name]
         defaults = {k: f.default for k, f in recipe.params.model_fields.items() if k != "level"}  # word: in spec
         params = {**defaults, **{k: v for k, v in spec.items() if k != "name"}}
-        label = name + "".join(f" {k}={v}" for k, v in params.items())
+        label = name + "".join(f" {k}={v}" for k, v in params.items() if v is not None)
         row = {"table": recipe.table, "recipe": i, "name": label}
         if name in ("threshold", "topp", "dense"):
             out.append({**row, "rows": None, "bytes": None, "note": NOT_ESTIMATED})
             continue
-        if layers is None or (heads is None and (name == "head_stats" or params.get("per_head"))):
+        per_head_rows = name in ("head_stats", "attn_grad_heads", "attn_ig_heads")  # one row per window x layer x head
+        edges_per_head = (name == "topk" and params.get("per_head")) or name in ("attn_grad", "attn_ig")
+        if "k" not in params and not per_head_rows:  # a recipe this estimate does not know the shape of
+            out.append({**row, "rows": None, "bytes": None, "note": NOT_ESTIMATED})
+            continue
+        if layers is None or (heads is None and (per_head_rows or edges_per_head)):
             out.append({**row, "rows": None, "bytes": None, "note": "not estimated (no layers/heads in config.json)"})
             continue
-        if name == "head_stats":
+        if per_head_rows:
             rows = windows * layers * heads
             per_row = HEAD_STATS_BYTES[dtype]
-        else:  # topk, rollout
-            per_head = heads if name == "topk" and params.get("per_head") else 1
+        else:  # topk, rollout; attn_grad, attn_ig, grad_rollout (top k per query too)
+            per_head = heads if edges_per_head else 1
             per_window = _queries_times_keys(params["k"], shape["causal"])
             rows = layers * per_head * _sum_windows(full, last, window, per_window)
             per_row = EDGE_BYTES[dtype]
