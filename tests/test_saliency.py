@@ -94,10 +94,12 @@ def outputs(lm, windows, *recipes):
 
 # --- attn_grad: A * dF/dA against autograd on HF eager ------------------------------------------
 
+@pytest.mark.parametrize("texts", [3, 1], ids=["padded", "unpadded"])
 @pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
-def test_attn_grad_matches_autograd_on_eager(arch, tokenizer):
+def test_attn_grad_matches_autograd_on_eager(arch, texts, tokenizer):
     lm, reference = tiny(arch, tokenizer)
-    windows, ids, mask = batch(tokenizer)
+    windows = tokenize(tokenizer, TEXTS[:texts], 64, 8)
+    ids, mask = collate(windows, 0)
     value, probs, grads = reference_grads(arch, reference, ids, mask)
     got = outputs(lm, windows, {"name": "attn_grad", "k": ALL_KEYS}, {"name": "attn_grad_heads"},
                   {"name": "attn_grad", "k": 2})
@@ -355,3 +357,15 @@ def test_class_logit_and_a_stored_lm_head_from_model_folders(tmp_path, tokenizer
         assert type(lm.model).__name__ in ("BertModel", "LlamaModel")
         cols = outputs(lm, windows, {"name": "attn_grad_heads", **spec})[0][0]
         torch.testing.assert_close(torch.from_numpy(cols["scalar"]), expected[cols["batch_index"]], **TOL)
+
+
+def test_a_causal_module_handed_no_mask_stays_causal():
+    import types
+
+    from attnpipe.control.gradients import grad_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+    out, _ = grad_attention(types.SimpleNamespace(is_causal=True), q, k, v, None)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    torch.testing.assert_close(out, want, **TOL)

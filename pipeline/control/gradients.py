@@ -81,6 +81,10 @@ def grad_attention(module, query, key, value, attention_mask, scaling=None, drop
         scores = scores + kwargs["position_bias"].float()
     if attention_mask is not None:
         scores = scores + attention_mask[..., : key.shape[-2]].float()
+    elif getattr(module, "is_causal", False) and query.shape[2] > 1:  # no mask handed over: keep it causal
+        q, k = scores.shape[-2:]
+        future = torch.ones(q, k, dtype=torch.bool, device=scores.device).triu(k - q + 1)
+        scores = scores.masked_fill(future, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     session = _SESSION.get()
     if session is not None:
