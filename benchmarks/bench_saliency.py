@@ -94,7 +94,8 @@ def main() -> None:
         completeness = {name: relative_errors(work / name) for name in ("attn_ig", "attn_ig_mid5")}
     print("| config | docs | tokens | seconds | tokens/s | peak RSS MB |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['config']} | {r['docs']} | {r['tokens']} | {r['seconds']} | {r['tokens_per_s']} | {r['peak_rss_mb']} |")
+        cells = [r[k] for k in ("config", "docs", "tokens", "seconds", "tokens_per_s", "peak_rss_mb")]
+        print("| " + " | ".join(str(c) for c in cells) + " |")
     print("\n| config | layer | median |error| / |F(A) - F(0_l)| | max |\n|---|---|---|---|")
     for name, errors in completeness.items():
         for layer, median, top in errors:

@@ -8,8 +8,9 @@ respect to them, both (batch, head, query_pos, key_pos), from the gradient drive
 - attn_grad: G = dF/dA at the model's own attention (attention x gradient).
 - attn_ig: G = (1/m) sum_{j=1..m} dF(j/m * A_l)/dA_l, Hao et al. 2021's integrated gradients with
   an m-step right Riemann sum (rule "midpoint": alpha = (j - 1/2)/m), where only layer l's
-  probabilities are scaled (the layers above it recompute theirs from what they receive). Completeness: summed over heads and pairs, the
-  attribution approaches F(A) - F(0_l), F(0_l) being F with layer l's probabilities all zero.
+  probabilities are scaled (the layers above it recompute theirs from what they receive).
+  Completeness: summed over heads and pairs, the attribution approaches F(A) - F(0_l), F(0_l)
+  being F with layer l's probabilities all zero.
 - grad_rollout: Chefer et al. 2021's rollout of mean_h (A * G)^+ with G = dF/dA.
 """
 
