@@ -28,7 +28,7 @@ from ..capture import LayerInputs, capture_layers
 from ..model import LoadedModel
 from ..recipes import RECIPES
 from ..recipes.attention import LayerAttention
-from ..reduce import apply_recipes, batch_masks
+from ..reduce import apply_recipes, batch_masks, window_slices
 from . import steps as step_rows
 from .prompts import Prompt
 
@@ -54,8 +54,11 @@ def row_probs(inputs: LayerInputs) -> torch.Tensor:
     """(batch, head, 1, keys) float32: the last query row's probabilities."""
     if inputs.given is not None:
         return inputs.given[:, :, -1:, :].float()
-    key = inputs.key if inputs.n_rep == 1 else inputs.key.repeat_interleave(inputs.n_rep, dim=1)
-    scores = torch.matmul(inputs.query[:, :, -1:].float(), key.float().transpose(-1, -2)).mul_(inputs.scaling)
+    query, key = inputs.query[:, :, -1:].float(), inputs.key.float()
+    batch, heads, _, dim = query.shape
+    kv = key.shape[1]  # grouped-query attention: query head i reads key/value head i // n_rep
+    scores = torch.matmul(query.reshape(batch, kv, heads // kv, dim), key.transpose(-1, -2))
+    scores = scores.reshape(batch, heads, 1, -1).mul_(inputs.scaling)
     if inputs.position_bias is not None:
         scores += inputs.position_bias[..., -1:, :].float()
     if inputs.mask is not None:
@@ -63,18 +66,34 @@ def row_probs(inputs: LayerInputs) -> torch.Tensor:
     return torch.softmax(scores, dim=-1)
 
 
-def _row_inputs(inputs: LayerInputs, row: int, pad: int) -> LayerInputs:
-    """Row `row` of a prefill layer's inputs without its left padding."""
-    cut = lambda t: None if t is None else t[row:row + 1, :, pad:, pad:]  # noqa: E731
+def _right_aligned(inputs: LayerInputs, pads: torch.Tensor) -> LayerInputs:
+    """A prefill layer's inputs with each row moved left by its padding: every prompt starts at
+    position 0 and its padding follows it, the layout of a forward batch, so the recipes take the
+    whole batch at once and write the prompt's own positions. The additive mask (and any given
+    probabilities) move along both position axes; a missing mask of a causal layer is spelled out."""
+    batch, _, size, _ = inputs.query.shape
+    index = (torch.arange(size, device=pads.device)[None, :] + pads[:, None]) % size  # (batch, pos)
+
+    def along(t: torch.Tensor, dim: int) -> torch.Tensor:
+        shape = [1] * t.dim()
+        shape[0], shape[dim] = batch, size
+        view = index.view(shape).expand(*[t.shape[i] if i not in (0, dim) else shape[i] for i in range(t.dim())])
+        return t.gather(dim, view)
+
+    def both(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        t = t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t
+        return along(along(t, 2), 3)
+
     mask = inputs.mask
-    if mask is not None:
-        mask = mask[(0 if mask.shape[0] == 1 else row):][:1, :, pad:, pad:]
-    bias = inputs.position_bias
-    if bias is not None:
-        bias = bias[(0 if bias.shape[0] == 1 else row):][:1, :, pad:, pad:]
-    return LayerInputs(inputs.site, inputs.query[row:row + 1, :, pad:], inputs.key[row:row + 1, :, pad:],
-                       inputs.scaling, mask, bias, inputs.n_rep, inputs.causal, inputs.sliding_window,
-                       cut(inputs.given))
+    if mask is None and inputs.causal:
+        low = torch.finfo(inputs.query.dtype).min
+        mask = torch.zeros(1, 1, size, size, device=inputs.query.device, dtype=inputs.query.dtype).masked_fill(
+            torch.ones(size, size, dtype=torch.bool, device=inputs.query.device).triu(1), low)
+    return LayerInputs(inputs.site, along(inputs.query, 2), along(inputs.key, 2), inputs.scaling, both(mask),
+                       both(inputs.position_bias), inputs.n_rep, inputs.causal, inputs.sliding_window,
+                       both(inputs.given))
 
 
 def _generator(seed: int, doc_id: str) -> torch.Generator:
@@ -139,7 +158,8 @@ class _Session:
         self.rows: list[torch.Tensor] = []  # this forward's per-layer query rows
         self.prefill = True
         self.step = 0  # of the forward in progress: 0 the prefill, s the step that feeds token s - 1
-        self.row_masks = []
+        self.masks = None  # BatchMasks of the prompts, right-aligned (set by generate_batch)
+        self.slices: list[tuple[int, int]] = []
         self.carries: dict[tuple[int, str], dict] = {}
         self.pending: dict[tuple[str, int | None], list[dict]] = {}
 
@@ -152,12 +172,17 @@ class _Session:
             self._prefill_recipes(inputs)
 
     def _prefill_recipes(self, inputs: LayerInputs) -> None:
+        """The prompts' own attention through the job's recipes, as a forward batch of them (each
+        row without its left padding), a few prompts at a time on a CPU (reduce.window_slices)."""
         site = inputs.site
-        for b, pad in enumerate(self.pads):
-            att = LayerAttention(None, site.layer, self.row_masks[b], _row_inputs(inputs, b, pad))
-            for i, cols in apply_recipes(att, self.recipes, self.carries.setdefault((b, site.stack), {})):
+        right = _right_aligned(inputs, torch.tensor(self.pads, device=inputs.query.device))
+        whole = len(self.slices) == 1
+        for n, (lo, hi) in enumerate(self.slices):
+            masks = self.masks if whole else self.masks.rows(lo, hi)
+            att = LayerAttention(None, site.layer, masks, right, rows=None if whole else (lo, hi))
+            for i, cols in apply_recipes(att, self.recipes, self.carries.setdefault((n, site.stack), {})):
                 cols = {k: v.cpu().numpy() for k, v in cols.items()}
-                cols["batch_index"] = np.full(len(cols["batch_index"]), b, dtype=np.int64)
+                cols["batch_index"] = cols["batch_index"] + lo
                 self.emit(RECIPES[self.recipes[i]["name"]].table, site.layer, i, cols)
 
     def stacked(self) -> torch.Tensor:
@@ -197,8 +222,11 @@ def generate_batch(lm: LoadedModel, prompts: list[Prompt], doc_ids: list[str], g
         mask[b, s.pads[b]:] = 1
     ids, mask = ids.to(device), mask.to(device)
     words = any(r.get("level") == "word" for r in recipes)
+    right_ids = torch.full_like(ids, lm.pad_id)
     for b, p in enumerate(prompts):
-        s.row_masks.append(batch_masks(lm, [p.window], ids[b:b + 1, s.pads[b]:], words=words))
+        right_ids[b, :len(p)] = ids[b, s.pads[b]:]
+    s.masks = batch_masks(lm, [p.window for p in prompts], right_ids, causal=True, words=words)
+    s.slices = window_slices(lm, batch, width)
     facts = _key_facts(lm, prompts, ids, s.pads)
     generators = [_generator(gen.seed, d) for d in doc_ids] if gen.sample else None
     eos = stop_ids(lm)
