@@ -5,6 +5,7 @@ on the real MiniLM (marked `shared`: skipped without ../shared)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -13,9 +14,9 @@ from attnpipe.errors import ReadError
 from attnpipe.read import open_dataset
 from attnpipe.studies.heads import rank
 
-from conftest import SHARED, error_line, invoke, raises_one_line, write_job
+from conftest import error_line, invoke, raises_one_line, write_job
 
-JOBS = SHARED.parent / "main" / "jobs"
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
 
 def _effects(rows):
