@@ -36,6 +36,7 @@ bench: setup
 	$(PY) benchmarks/bench_corpus.py
 	$(PY) benchmarks/bench_generate.py
 	$(PY) benchmarks/bench_generate.py --long --repeats 1
+	$(PY) benchmarks/bench_saliency.py
 
 # benchmarks/gpu_check.sh's steps on the CPU at tiny sizes (the GPU run itself: README, GPU figures).
 gpu-dry: setup
