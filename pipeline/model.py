@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoTokenizer, PreTrainedTokenizerFast)
 
 from . import capture, hub
 from .hub import BUILTIN_NAMES, DEFAULT_MODEL, builtin_model_dir, weights_sha256  # noqa: F401 (re-exported)
@@ -345,10 +346,12 @@ def load_model(name: str, *, base_dir: Path = Path("."), revision: str | None = 
                dtype: str = "float32", device: str = "auto", trust_remote_code: bool = False,
                allow_pickle: bool = False, backend: str = "auto", factory: str | None = None,
                allow_code: bool = False, attention_modules: list | None = None,
-               language_model: bool = False) -> LoadedModel:
+               language_model: bool = False, classifier: bool = False) -> LoadedModel:
     """Load from the embedded default, a local directory or the hub, or build with a factory
     (pipeline/factory.py; only with allow_code). `language_model`: with its language-model head
-    (AutoModelForCausalLM), for generate runs. Raises ModelError."""
+    (AutoModelForCausalLM), for generate runs; with `classifier` too, a folder saved from a
+    sequence-classification model loads with its classifier head instead (the class
+    distributions of interventions' effects). Raises ModelError."""
     if factory is not None:
         if not allow_code:
             raise JobError(f"model.factory runs Python code ({factory}); set model.allow_code = true if you trust it")
@@ -373,14 +376,21 @@ def load_model(name: str, *, base_dir: Path = Path("."), revision: str | None = 
     with hub.honour_offline():
         with _load_errors(name, where):
             config = AutoConfig.from_pretrained(source, **kwargs)
-        if language_model and (config.is_encoder_decoder or not _can_generate(config)):
+        classify = language_model and classifier and any(
+            str(a).endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or []))
+        if language_model and classifier and not classify and (config.is_encoder_decoder or not _can_generate(config)):
+            raise ModelError(f"[effects] logits = true needs a decoder language model (GPT-2, Llama, ...) or a "
+                             f"sequence-classification model; {name} ({config.model_type}) is neither: remove it "
+                             "(the cosine of the pooled embedding is recorded for every model)")
+        if language_model and not classify and (config.is_encoder_decoder or not _can_generate(config)):
             raise ModelError(f"[generate] needs a decoder language model (GPT-2, Llama, SmolLM2-135M-Instruct, ...); "
                              f"{name} ({config.model_type}) is not one: remove [generate] or choose such a model")
         with _load_errors(name, where, f"reading {_tokenizer_file(source)}" if local else "its tokenizer"):
             tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True, **kwargs)
         with _load_errors(name, where, f"reading {_weight_files(source)}" if local else "its weights"):
             # Size mismatches are reported below with their key, not raised from deep inside.
-            auto = AutoModelForCausalLM if language_model else AutoModel
+            auto = AutoModelForSequenceClassification if classify else AutoModelForCausalLM if language_model \
+                else AutoModel
             model, info = auto.from_pretrained(
                 source, dtype=DTYPES[dtype], attn_implementation=capture.BACKEND, output_loading_info=True,
                 ignore_mismatched_sizes=True, use_safetensors=None if allow_pickle else True, **kwargs)

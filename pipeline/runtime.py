@@ -32,7 +32,8 @@ def load_job_model(job: JobSpec) -> "LoadedModel":
                       device=job.run.device, trust_remote_code=m.trust_remote_code,
                       allow_pickle=m.allow_pickle, backend=job.run.attention, factory=m.factory,
                       allow_code=m.allow_code, attention_modules=m.attention_modules,
-                      language_model=job.generate is not None or job.effects.logits)
+                      language_model=job.generate is not None or job.effects.logits,
+                      classifier=job.generate is None and job.effects.logits)
 
 
 @dataclass

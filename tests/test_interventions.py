@@ -33,7 +33,7 @@ from attnpipe.job import InterventionSpec, KeysSpec, build_job
 from attnpipe.reduce import batch_masks
 from attnpipe.windows import collate, tokenize
 
-from conftest import invoke, loaded, raises_one_line, write_job
+from conftest import error_line, invoke, loaded, raises_one_line, write_job
 
 ARCHS = ["bert", "gpt2", "llama"]
 TEXTS = ["The animal didn't cross the street because it was too tired.", "Short one.",
@@ -461,3 +461,57 @@ def test_out_of_memory_halves_the_intervened_batch(tmp_path, tiny_model_dir, mon
     assert halved["doc_id"].tolist() == whole["doc_id"].tolist()
     for col in ("cosine", "kl_mean", "kl_last", "keys"):
         np.testing.assert_allclose(halved[col].to_numpy(float), whole[col].to_numpy(float), atol=1e-5)
+
+
+def test_class_kl_of_a_sequence_classifier(tmp_path, tokenizer):
+    """effects.logits on a folder saved from BertForSequenceClassification: the classifier head is
+    loaded, and kl_class is KL(clean || edited) of its class distributions, computed here with the
+    reference attention (mask + bias) on an untouched copy of the same weights."""
+    from transformers import AutoModelForSequenceClassification
+
+    from conftest import TINY_CONFIGS
+
+    torch.manual_seed(0)
+    config = TINY_CONFIGS["bert"]()
+    config.num_labels = 3
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    folder = tmp_path / "classifier"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    rows = [{"id": "d1", "text": "The nurse said that she was tired."}]
+    job = write_job(tmp_path, _corpus(tmp_path, rows), folder, extra='id_column = "id"',
+                    recipes='[[recipes]]\nname = "head_stats"\n[[interventions]]\nop = "zero"\nlayers = [1]\n'
+                            'keys = { regex = "nurse" }\n[effects]\nlogits = true\n')
+    result = invoke("run", job)
+    assert result.exit_code == 0, result.output
+    row = pq.read_table(next((tmp_path / "out").glob("effects/*.parquet"))).to_pylist()[0]
+    assert row["kl_mean"] is None and row["kl_class"] > 0
+    windows = tokenize(tokenizer, [rows[0]["text"]], 64, 8)
+    ids, mask = collate(windows, tokenizer.pad_token_id)
+    chosen = torch.tensor([[b > a and a < 9 and b > 4 for a, b in windows[0].offsets]])
+    bias = torch.zeros(1, 4, ids.shape[1], ids.shape[1])
+    bias[:] = torch.where(chosen[:, None, :], -math.inf, 0.0)[:, None]
+    ref = copy.deepcopy(model)
+    ref.set_attn_implementation(REF)
+    logits = []
+    for edits in ({}, {"bias": {1: bias}}):
+        _EDITS.clear()
+        _EDITS.update(edits, names=module_names(ref))
+        with torch.no_grad():
+            logits.append(torch.log_softmax(ref(input_ids=ids, attention_mask=mask).logits, -1)[0])
+        _EDITS.clear()
+    clean, edited = logits
+    want = (clean.exp() * (clean - edited)).sum().item()
+    assert row["kl_class"] == pytest.approx(want, abs=1e-5, rel=1e-3)
+    (tmp_path / "plain").mkdir()
+    plain = write_job(tmp_path / "plain", _corpus(tmp_path, rows), folder, extra='id_column = "id"')
+    assert invoke("run", plain).exit_code == 0  # without effects the same folder loads as a bare encoder
+
+
+def test_class_kl_needs_a_head(tmp_path, tiny_model_dir):
+    rows = [{"id": "d1", "text": "The nurse said that she was tired."}]
+    job = write_job(tmp_path, _corpus(tmp_path, rows), tiny_model_dir("bert"), extra='id_column = "id"',
+                    recipes='[[recipes]]\nname = "head_stats"\n[[interventions]]\nop = "zero"\n'
+                            'keys = { regex = "nurse" }\n[effects]\nlogits = true\n')
+    line = error_line(invoke("run", job))
+    assert "[effects] logits = true needs a decoder language model" in line and "(bert)" in line

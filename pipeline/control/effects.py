@@ -9,6 +9,8 @@ positions; the last real token is where a decoder predicts what follows the wind
 - kl_mean / kl_last: KL(P || Q) = sum_v P(v) (log P(v) - log Q(v)) of the next-token
   distributions, in nats, averaged over the real tokens / at the last real token.
 - logit_diff: logit(t0) - logit(t1) at the last real token for the two effects.targets.
+- kl_class: KL(P || Q) of a sequence-classification model's class distributions (softmax of its
+  logits), in nats.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ class Outputs:
     pooled: torch.Tensor  # (batch, hidden) float32
     logprobs: torch.Tensor | None = None  # (batch, pos, vocab) float32 log-softmax; None without logits
     last_logits: torch.Tensor | None = None  # (batch, vocab) float32 at the last real token
+    class_logprobs: torch.Tensor | None = None  # (batch, class) float32 log-softmax of a classifier
 
     def rows(self, lo: int, hi: int, width: int) -> "Outputs":
         """Windows lo..hi, positions cut to `width` (their own padded length)."""
+        cut = lambda t: None if t is None else t[lo:hi]  # noqa: E731
         return Outputs(self.pooled[lo:hi], None if self.logprobs is None else self.logprobs[lo:hi, :width],
-                       None if self.last_logits is None else self.last_logits[lo:hi])
+                       cut(self.last_logits), cut(self.class_logprobs))
 
     @classmethod
     def of(cls, output, attention_mask: torch.Tensor) -> "Outputs":
@@ -40,6 +44,8 @@ class Outputs:
         pooled = mean_pool(hidden, attention_mask)
         if logits is None:
             return cls(pooled)
+        if logits.dim() == 2:  # a sequence classifier: one distribution over its classes per window
+            return cls(pooled, class_logprobs=torch.log_softmax(logits.float(), dim=-1))
         last = attention_mask.sum(1) - 1  # (batch,)
         rows = torch.arange(logits.shape[0], device=logits.device)
         return cls(pooled, torch.log_softmax(logits.float(), dim=-1), logits[rows, last].float())
@@ -75,6 +81,8 @@ def measure(p: Outputs, q: Outputs, attention_mask: torch.Tensor, targets: list[
     out = {"cosine": cosine(p, q)}
     if p.logprobs is not None:
         out["kl_mean"], out["kl_last"] = kl(p, q, attention_mask)
+    if p.class_logprobs is not None:
+        out["kl_class"] = (p.class_logprobs.exp() * (p.class_logprobs - q.class_logprobs)).sum(-1)
     if targets and p.last_logits is not None:
         out["logit_diff"], out["logit_diff_clean"] = logit_diff(q, targets), logit_diff(p, targets)
     return out

@@ -22,7 +22,7 @@ from .effects import Outputs, measure
 from .keys import WindowDocs, key_mask
 from .spec import intervention_label
 
-MEASURES = ("cosine", "kl_mean", "kl_last", "logit_diff", "logit_diff_clean")
+MEASURES = ("cosine", "kl_mean", "kl_last", "kl_class", "logit_diff", "logit_diff_clean")
 
 
 def columns_read(job: JobSpec) -> list[str]:
