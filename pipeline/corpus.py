@@ -395,24 +395,32 @@ class Corpus:
     def texts(self, rows: np.ndarray) -> list[str]:
         """The texts of `rows` as the model reads them: without the corpus.strip matches and the
         corpus.marks brackets (pipeline/groups.py)."""
-        return [text for text, _ in self.cleaned(rows)]
+        raw = [_as_text(v) for v in self.table.column(self.spec.text_column).take(pa.array(rows)).to_pylist()]
+        if self._strip is None and self._marks == "none":
+            return raw
+        return [self._clean(text, row)[0] for text, row in zip(raw, rows)]
 
     def marks(self, rows: np.ndarray) -> list[list[tuple[int, int]]]:
         """The marked spans of `rows`' texts (corpus.marks), in the texts `texts` returns."""
-        return [marks for _, marks in self.cleaned(rows)]
-
-    def cleaned(self, rows: np.ndarray) -> list[tuple[str, list[tuple[int, int]]]]:
-        """Each text of `rows` without corpus.strip's matches and corpus.marks' brackets, with its
-        marked spans in that text (none without corpus.marks)."""
         raw = [_as_text(v) for v in self.table.column(self.spec.text_column).take(pa.array(rows)).to_pylist()]
-        strip, marks = self.spec.strip, self.spec.marks
-        if strip is not None:
-            raw = [re.sub(strip, "", text) for text in raw]
-        if marks == "none":
-            return [(text, []) for text in raw]
-        from .groups import strip_marks
+        return [self._clean(text, row)[1] for text, row in zip(raw, rows)]
 
-        return [strip_marks(text, f"corpus {self.spec.path} row {row}") for text, row in zip(raw, rows)]
+    @property
+    def _strip(self) -> str | None:
+        return getattr(self.spec, "strip", None)
+
+    @property
+    def _marks(self) -> str:
+        return getattr(self.spec, "marks", "none")
+
+    def _clean(self, text: str, row: int) -> tuple[str, list[tuple[int, int]]]:
+        if self._strip is not None:
+            text = re.sub(self._strip, "", text)
+        if self._marks == "brackets":
+            from .groups import strip_marks
+
+            return strip_marks(text, f"corpus {self.spec.path} row {row}")
+        return text, []
 
     def targets(self, rows: np.ndarray) -> list[str] | None:
         """The target texts of `rows` (corpus.target_column), None without one."""

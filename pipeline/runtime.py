@@ -55,12 +55,10 @@ class Runtime:
             keep_freed_memory()
         if job.generate is None:
             window = model.check_window(job.model.max_length, job.model.stride)
-            stride, window_from = job.model.stride, model.default_window[1]
         else:  # a prompt and its generation share the positions the model states
             from .generate.check import generate_window
 
-            window, stride = generate_window(job, model), 0
-            window_from = "the positions the model states, for prompt + generated tokens"
+            window = generate_window(job, model)
         from .pairs import check_pairs  # imports torch, as the model did
 
         pairs = check_pairs(job, model)  # corpus.target_column: an encoder-decoder's teacher-forced target
@@ -69,11 +67,14 @@ class Runtime:
 
             pairs = {**pairs, **check_generate(job, model)}
         provenance = {**model.provenance, **pairs, "job": job.name, "job_fingerprint": job.fingerprint(),
-                      "window_length": window, "stride": stride,
-                      "window_from": "model.max_length" if job.model.max_length else window_from,
+                      "window_length": window, "stride": job.model.stride,
+                      "window_from": "model.max_length" if job.model.max_length else model.default_window[1],
                       "weight_dtype": job.run.weight_dtype,
                       "recipes": {r["name"]: RECIPES[r["name"]].version for r in job.recipes},
                       "schemas": {name: s.version for name, s in load_schemas().items()}}
+        if job.generate is not None:
+            provenance.update(stride=0, window_from="model.max_length" if job.model.max_length
+                              else "the positions the model states, for prompt + generated tokens")
         targets = None
         if job.interventions:
             from .control.spec import check_against_model
@@ -86,7 +87,7 @@ class Runtime:
         """The job's [[groups]], compiled (pipeline/groups.py)."""
         from .groups import compile_groups
 
-        return compile_groups(self.job.groups, Path(self.job.base_dir))
+        return compile_groups(getattr(self.job, "groups", []), Path(self.job.base_dir))
 
     @property
     def weights_id(self) -> str | None:

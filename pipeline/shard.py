@@ -363,7 +363,7 @@ def _tokenize_chunk(writer: ShardWriter, background: BackgroundWriter, rt: Runti
         windows = tokenize(tok, texts, rt.window_length, job.model.stride)
     else:  # source/target pairs: one window each, never split
         windows = tokenize_pairs(rt.model, texts, targets, rt.window_length, docs.doc_ids[part])
-    if job.groups:  # the job's token groups, for the groups recipe
+    if getattr(job, "groups", None):  # the job's token groups, for the groups recipe
         _assign_groups(rt, windows, texts, rows)
     doc_cols = {**document_columns(docs, part, windows, texts, job.model.stride), **rt.corpus.sources(rows),
                 **rt.corpus.metadata(rows)}

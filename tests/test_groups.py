@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from attnpipe.errors import CorpusError, JobError
 from attnpipe.groups import GroupSpec, compile_groups, strip_marks, token_groups

@@ -39,7 +39,7 @@ def window_docs(rt, chosen: list[tuple[int, Window]], docs) -> WindowDocs:
     meta = rt.corpus.metadata(rows)
     return WindowDocs([docs.doc_ids[i] for i in index], rt.corpus.texts(rows),
                       {c: meta[c].to_pylist() for c in columns_read(rt.job)},
-                      tuple(g.name for g in rt.job.groups))
+                      tuple(g.name for g in getattr(rt.job, "groups", [])))
 
 
 def effects_batch(rt, windows: list[Window], docs: WindowDocs, clean: Outputs, targets: list[int]) -> dict:

@@ -39,7 +39,7 @@ def check_interventions(job: "JobSpec", source: str) -> None:
     labels: dict[str, int] = {}
     for i, spec in enumerate(job.interventions):
         where = f"{source}: 'interventions[{i}]"
-        _check_one(spec, where, job.corpus.metadata_columns, [g.name for g in job.groups])
+        _check_one(spec, where, job.corpus.metadata_columns, [g.name for g in getattr(job, "groups", [])])
         if job.generate is not None:
             _check_generate(spec, where)
         label = intervention_label(spec, i)

@@ -318,7 +318,6 @@ def _reduce_step(s: _Session, p: torch.Tensor, facts, alive: torch.Tensor, step:
     rows = alive.nonzero()[:, 0].to(p.device)
     if rows.numel() == 0:
         return
-    facts = facts.grown(p.shape[-1])  # once per step, for every reduction below
     s.add("grounding", None, step_rows.flatten(step_rows.grounding(p, facts, step), rows), step)
     if grounding_only:
         return

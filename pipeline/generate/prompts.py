@@ -17,6 +17,9 @@ from ..errors import CorpusError, JobError
 from ..windows import Window
 from ..wordpieces import has_word_ids, window_words
 
+SEGMENTS = ("system", "context", "question", "template")
+
+
 @dataclass
 class Prompt:
     """One document's prompt: the Window the recipes see (its offsets point into `text`) and the

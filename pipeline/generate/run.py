@@ -66,13 +66,14 @@ def write_generations(writer: ShardWriter, rt: Runtime, docs: ShardDocs, progres
 def _emitter(writer: ShardWriter, background: BackgroundWriter, doc_index: np.ndarray):
     def emit(table: str, layer: int | None, recipe: int | None, cols: dict) -> None:
         cols = dict(cols)
-        cols["doc_index"] = index = doc_index[cols.pop("batch_index")]
+        index = doc_index[cols.pop("batch_index")]
+        lead = {"doc_index": index}
         if table in WINDOWED:
-            cols["window_index"] = np.zeros(len(index), dtype=np.int32)
+            lead["window_index"] = np.zeros(len(index), dtype=np.int32)
         if table in STEPPED and "step" not in cols:  # the prompt's rows, beside step rows in one buffer
             cols["step"] = pa.nulls(len(index), pa.int32())
-        # one column order per table: the writer concatenates a file's buffered batches
-        columns = {c: cols[c] for c in ("doc_index", *table_schema(table).column_names) if c in cols}
+        given = {**lead, **cols}
+        columns = {"doc_index": index, **{c: given[c] for c in table_schema(table).column_names if c in given}}
         background.put(lambda: writer.write_batch(table, columns, layer=layer, recipe=recipe, site=SITE))
     return emit
 
@@ -111,13 +112,12 @@ def _write_chunk(writer: ShardWriter, background: BackgroundWriter, rt: Runtime,
         gen_cols["logprob"] += g.logprobs
         gen_cols["entropy"] += g.entropies
         gen_cols["stop"] += [False] * (steps - 1) + [g.stop_reason in ("eos", "stop")]
-    # the generated tokens are tokens rows too, after the prompts' (side and segment "generated")
-    generated = len(gen_cols["step"])
-    for key in ("doc_id", "position", "token_id", "token", "char_start", "char_end"):
-        token_cols[key] += gen_cols[key]
-    for key, value in (("window_index", 0), ("side", "generated"), ("word_index", None), ("segment", "generated")):
-        token_cols[key] += [value] * generated
-    token_cols["special"] += [t in specials for t in gen_cols["token_id"]]
+        for key, values in (("doc_id", [names[i]] * steps), ("window_index", [0] * steps),
+                            ("side", ["generated"] * steps), ("position", range(length, length + steps)),
+                            ("token_id", g.ids), ("token", pieces), ("char_start", [a for a, _ in g.offsets]),
+                            ("char_end", [b for _, b in g.offsets]), ("special", [t in specials for t in g.ids]),
+                            ("word_index", [None] * steps), ("segment", ["generated"] * steps)):
+            token_cols[key] += values
     background.put(lambda: writer.write_batch("tokens", token_cols))
     background.put(lambda: writer.write_batch("generations", gen_cols))
     word_cols = word_columns(names, windows, prompt_texts, None)

@@ -36,20 +36,24 @@ class KeyFacts:
     prompt_length: torch.Tensor  # (batch,) real prompt tokens
 
     def grown(self, keys: int) -> "KeyFacts":
-        """The facts for `keys` keys (at least the prompt's): positions past the prompt are
-        generated tokens, real."""
+        """The facts for `keys` keys: positions past the prompt are generated tokens, real."""
         extra = keys - self.real.shape[1]
-        if extra == 0:
-            return self
+        if extra <= 0:
+            return self if extra == 0 else self._cut(keys)
         pad = lambda t, v: torch.cat([t, t.new_full((t.shape[0], extra), v)], dim=1)  # noqa: E731
         return KeyFacts(self.pad, pad(self.real, True), pad(self.context, False), pad(self.prompt, False),
                         pad(self.special, False), pad(self.sep, False), pad(self.punct, False), self.prompt_length)
 
+    def _cut(self, keys: int) -> "KeyFacts":
+        c = lambda t: t[:, :keys]  # noqa: E731
+        return KeyFacts(self.pad, c(self.real), c(self.context), c(self.prompt), c(self.special), c(self.sep),
+                        c(self.punct), self.prompt_length)
 
-def grounding(p: torch.Tensor, f: KeyFacts, step: int) -> dict[str, torch.Tensor]:
+
+def grounding(p: torch.Tensor, facts: KeyFacts, step: int) -> dict[str, torch.Tensor]:
     """(layer, batch, head) features of the step's query rows `p` (layer, batch, head, keys), the
-    query being the last key; `f` covers p's keys (KeyFacts.grown). Means, not sums, in the ratio
-    (Lookback Lens)."""
+    query being the last key. Means, not sums, in the ratio (Lookback Lens)."""
+    f = facts.grown(p.shape[-1])
     ctx, prompt = f.context.float(), f.prompt.float()
     generated = (f.real & ~f.prompt).float()
     n_ctx = ctx.sum(-1).clamp_min(1.0)  # (batch,)
@@ -67,9 +71,10 @@ def grounding(p: torch.Tensor, f: KeyFacts, step: int) -> dict[str, torch.Tensor
             "keys": f.real.sum(-1).to(torch.int32)}
 
 
-def head_stats(p: torch.Tensor, f: KeyFacts) -> dict[str, torch.Tensor]:
+def head_stats(p: torch.Tensor, facts: KeyFacts) -> dict[str, torch.Tensor]:
     """(layer, batch, head) statistics of one query row each, as head_stats computes them over a
     window's queries (pipeline/recipes/head_stats.py): the query is the last key, nothing follows it."""
+    f = facts.grown(p.shape[-1])
     keys = f.real.sum(-1).float()  # (batch,)
     entropy = -(p * torch.clamp_min(p, _TINY).log()).sum(-1)
     log_n = torch.where(keys > 1, keys.clamp_min(2).log(), torch.full_like(keys, math.inf))
@@ -84,9 +89,10 @@ def head_stats(p: torch.Tensor, f: KeyFacts) -> dict[str, torch.Tensor]:
             "punct_mass": mass(f.punct), "mean_distance": torch.einsum("lbhk,k->lbh", p, distance)}
 
 
-def edges(p: torch.Tensor, f: KeyFacts, name: str, params: dict) -> dict[str, torch.Tensor]:
+def edges(p: torch.Tensor, facts: KeyFacts, name: str, params: dict) -> dict[str, torch.Tensor]:
     """Rows of the edge recipe `name` on the step's query rows: (layer, batch_index, head, key_pos,
     weight) with key positions in document coordinates."""
+    f = facts.grown(p.shape[-1])
     per_head = params["per_head"]
     probs = p if per_head else p.mean(dim=2, keepdim=True)  # (layer, batch, head or 1, keys)
     real = f.real[None, :, None, :]

@@ -18,6 +18,7 @@ attention mass (0..1): the share of a from-token's attention that the to-group's
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,14 +216,14 @@ def heatmap_png(result: BiasResult) -> bytes | None:
 def write(result: BiasResult, out: Path, options: BiasOptions, checked=None) -> dict:
     """heads.parquet, summary.json, summary.txt and heatmap.png (with matplotlib) into `out`; with
     `checked` (pipeline/studies/bias_check.py), its figures and check_random.parquet."""
-    from .results import remove_file, write_file, write_summary
+    from .results import _remove, _replace
 
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ReadError(f"cannot create {out}: {exc.strerror or exc}; choose another folder with --out") from None
     for name in ("heads.parquet", "summary.json", "summary.txt", "heatmap.png", "check_random.parquet"):
-        remove_file(out / name)
+        _remove(out / name)
     s = summary(result, options)
     extra = ""
     if checked is not None:
@@ -231,13 +232,14 @@ def write(result: BiasResult, out: Path, options: BiasOptions, checked=None) -> 
         s["check"] = {"heads": [f"L{l}H{h}" for l, h in checked.heads], "top": checked.top, "pairs": checked.pairs,
                       "random_sets": len(checked.random), "random_mean": float(checked.random.g.mean()),
                       "random_sd": float(checked.random.g.std(ddof=1)), "share_random_at_least": checked.p_random}
-        write_file(out / "check_random.parquet", lambda p: checked.random.to_parquet(p, index=False))
+        _replace(out / "check_random.parquet", lambda p: checked.random.to_parquet(p, index=False))
         extra = "\n" + "\n".join(summary_lines(checked))
-    write_file(out / "heads.parquet", lambda p: result.heads.to_parquet(p, index=False))
+    _replace(out / "heads.parquet", lambda p: result.heads.to_parquet(p, index=False))
     png = heatmap_png(result)
     if png is not None:
-        write_file(out / "heatmap.png", lambda p: p.write_bytes(png))
+        _replace(out / "heatmap.png", lambda p: p.write_bytes(png))
     files = ["heads.parquet"] + (["heatmap.png"] if png else []) + (["check_random.parquet"] if checked else [])
     text = summary_text(s) + extra + f"\nfiles in {out}: {', '.join(files)}, summary.txt, summary.json"
-    write_summary(out, s, text)
+    _replace(out / "summary.txt", lambda p: p.write_text(text + "\n", encoding="utf-8"))
+    _replace(out / "summary.json", lambda p: p.write_text(json.dumps(s, indent=1) + "\n", encoding="utf-8"))
     return s

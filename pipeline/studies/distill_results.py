@@ -16,6 +16,7 @@ place, summary.json last.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import ReadError
 from .distill import DistillOptions, DistillResult
-from .results import STUDIES, remove_file, write_file, write_summary
+from .results import STUDIES, _json_default, _nan_to_none, _remove, _replace
 
 FILES = ("pairs.parquet", "heads.parquet", "mapping.parquet", "windows.parquet", "edges_error.parquet",
          "divergence.png", "summary.txt", "summary.json")
@@ -44,22 +45,25 @@ def write(result: DistillResult, out: Path, options: DistillOptions) -> dict[str
     except OSError as exc:
         raise ReadError(f"cannot create {out}: {exc.strerror or exc}; choose another folder with --out") from None
     for name in FILES:
-        remove_file(out / name)
+        _remove(out / name)
     written = {}
     frames = {"pairs": result.pairs, "heads": result.heads, "mapping": result.mapping,
               "windows": result.windows, "edges_error": result.edges_error}
     for name, frame in frames.items():
         if frame is not None:
-            written[f"{name}.parquet"] = write_file(out / f"{name}.parquet",
+            written[f"{name}.parquet"] = _replace(out / f"{name}.parquet",
                                                   lambda p, f=frame: f.to_parquet(p, index=False))
     notes = list(result.notes)
     png = heatmap_png(result)
     if png is None:
         notes.append("no divergence.png: matplotlib is not installed (pip install 'attnpipe[plot]')")
     else:
-        written["divergence.png"] = write_file(out / "divergence.png", lambda p: p.write_bytes(png))
+        written["divergence.png"] = _replace(out / "divergence.png", lambda p: p.write_bytes(png))
     summary = summary_dict(result, options, notes, [*written, "summary.txt", "summary.json"])
-    written.update(write_summary(out, summary, summary_text(summary, out)))
+    text = summary_text(summary, out)
+    written["summary.txt"] = _replace(out / "summary.txt", lambda p: p.write_text(text + "\n", encoding="utf-8"))
+    written["summary.json"] = _replace(out / "summary.json", lambda p: p.write_text(
+        json.dumps(_nan_to_none(summary), indent=1, default=_json_default) + "\n", encoding="utf-8"))
     return written
 
 

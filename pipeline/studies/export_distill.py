@@ -45,7 +45,7 @@ from .. import __version__
 from ..errors import ReadError
 from .attention_runs import Key, Run, open_run
 from .distill import kl_rows
-from .results import STUDIES, remove_file, write_file
+from .results import STUDIES, _remove, _replace
 
 FORMATS = ("dense", "sparse", "sampled")
 KEYS = [("doc_id", pa.string()), ("window_index", pa.int32()), ("layer", pa.int16()), ("head", pa.int16()),
@@ -156,7 +156,7 @@ def export(output: str | Path, out: Path, options: ExportOptions = ExportOptions
     rng = np.random.default_rng(options.seed)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("summary.json", "truncation.parquet", "targets.parquet"):  # nothing of an earlier export mixes in
-        remove_file(out / name)
+        _remove(out / name)
     target = out / "targets.parquet"
     tmp = target.with_name(f".targets.{secrets.token_hex(4)}.tmp")
     errors, rows = [], 0
@@ -202,7 +202,7 @@ def _finish(run: Run, out: Path, options: ExportOptions, keys: list[Key], rows: 
     table = truncation_table(errors, options.format)
     files = ["targets.parquet"]
     if table is not None:
-        write_file(out / "truncation.parquet", lambda p: table.to_parquet(p, index=False))
+        _replace(out / "truncation.parquet", lambda p: table.to_parquet(p, index=False))
         files.append("truncation.parquet")
     summary = {"export": "distill", "dataset": run.path, "model": run.provenance.get("model"),
                "weights_sha256": run.provenance.get("weights_sha256"), "recipe": run.maps.label,
@@ -217,5 +217,5 @@ def _finish(run: Run, out: Path, options: ExportOptions, keys: list[Key], rows: 
         summary["error"] = {"measure": name.removesuffix("_mean"), "mean": float(table[name].mean()),
                             "max_head_mean": float(worst[name]),
                             "worst_head": {"layer": int(worst["layer"]), "head": int(worst["head"])}}
-    write_file(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8"))
+    _replace(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8"))
     return summary

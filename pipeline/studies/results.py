@@ -74,31 +74,34 @@ def write(result: StudyResult, out: Path, options: StudyOptions) -> tuple[dict[s
     except OSError as exc:
         raise ReadError(f"cannot create {out}: {exc.strerror or exc}; choose another folder with --out") from None
     for name in FILES:  # this study's names only: a file of an earlier run must not mix with this one
-        remove_file(out / name)
+        _remove(out / name)
     written, notes = {}, []
-    written["scores.parquet"] = write_file(out / "scores.parquet", lambda p: result.units.to_parquet(p, index=False))
-    written["generation_scores.parquet"] = write_file(
+    written["scores.parquet"] = _replace(out / "scores.parquet", lambda p: result.units.to_parquet(p, index=False))
+    written["generation_scores.parquet"] = _replace(
         out / "generation_scores.parquet", lambda p: result.generations.to_parquet(p, index=False))
     if result.mode == "train":
-        written["detector.json"] = write_file(out / "detector.json", result.detector.save)
+        written["detector.json"] = _replace(out / "detector.json", result.detector.save)
         png = coefficient_png(result)
         if png is None:
             notes.append("no coefficients.png: matplotlib is not installed (pip install 'attnpipe[plot]')")
         else:
-            written["coefficients.png"] = write_file(out / "coefficients.png", lambda p: p.write_bytes(png))
+            written["coefficients.png"] = _replace(out / "coefficients.png", lambda p: p.write_bytes(png))
     summary = summary_dict(result, options, notes, [*written, "summary.txt", "summary.json"])
-    written.update(write_summary(out, summary, summary_text(summary, out)))
+    text = summary_text(summary, out)
+    written["summary.txt"] = _replace(out / "summary.txt", lambda p: p.write_text(text + "\n", encoding="utf-8"))
+    written["summary.json"] = _replace(out / "summary.json", lambda p: p.write_text(
+        json.dumps(summary, indent=1, default=_json_default) + "\n", encoding="utf-8"))
     return written, notes
 
 
-def remove_file(path: Path) -> None:
+def _remove(path: Path) -> None:
     try:
         path.unlink(missing_ok=True)  # a link is removed, never followed
     except OSError as exc:
         raise ReadError(f"cannot replace {path}: {exc.strerror or exc}") from None
 
 
-def write_file(path: Path, write_to: Callable[[Path], None]) -> Path:
+def _replace(path: Path, write_to: Callable[[Path], None]) -> Path:
     """Write through a temporary file beside `path`, then rename it over `path`."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
@@ -109,14 +112,6 @@ def write_file(path: Path, write_to: Callable[[Path], None]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-def write_summary(out: Path, summary: dict, text: str) -> dict[str, Path]:
-    """A study's summary.txt (`text`) and summary.json, summary.json last: a folder holding one
-    is a complete study. NaN (a figure that could not be computed) becomes null."""
-    return {"summary.txt": write_file(out / "summary.txt", lambda p: p.write_text(text + "\n", encoding="utf-8")),
-            "summary.json": write_file(out / "summary.json", lambda p: p.write_text(
-                json.dumps(_nan_to_none(summary), indent=1, default=_json_default) + "\n", encoding="utf-8"))}
 
 
 def _json_default(value):
