@@ -31,7 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from . import capture
 from .capture import modules
 from .errors import ModelError
-from .model import DTYPES, LoadedModel, _check_tokenizer, pick_device
+from .model import DTYPES, LOADING, LoadedModel, _check_tokenizer, pick_device
 
 MAX_WINDOW = 4096  # as for transformers models without a declared maximum
 
@@ -121,7 +121,8 @@ def call_factory(spec: str, base_dir: Path) -> tuple[torch.nn.Module, object]:
     if not callable(function):
         raise ModelError(f"model.factory {spec}: {module_name} ({module.__file__}) has no function {function_name}")
     try:
-        made = function()
+        with LOADING:  # a factory may call from_pretrained (model.LOADING)
+            made = function()
     except Exception as exc:  # noqa: BLE001 - the user's code; --debug shows the traceback
         raise ModelError(f"model.factory {spec} raised {type(exc).__name__}: {_first_line(exc)}") from exc
     if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module)):

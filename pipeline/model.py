@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import inspect
+import threading
 import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -342,6 +343,15 @@ def _can_generate(config) -> bool:
     return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in encoders
 
 
+# transformers' from_pretrained swaps PreTrainedModel.tie_weights (and torch's init functions)
+# for no-ops on the class while it builds a model, so two threads loading at once untie each
+# other's language-model heads, and can leave the swap in place for the rest of the process
+# (measured: 4 threads x 15 loads of a tied GPT-2, 60 of 60 loads missing lm_head.weight).
+# Dask workers with several threads, and notebooks, load in threads: every load here takes this
+# lock.
+LOADING = threading.RLock()
+
+
 def load_model(name: str, *, base_dir: Path = Path("."), revision: str | None = None,
                dtype: str = "float32", device: str = "auto", trust_remote_code: bool = False,
                allow_pickle: bool = False, backend: str = "auto", factory: str | None = None,
@@ -391,9 +401,10 @@ def load_model(name: str, *, base_dir: Path = Path("."), revision: str | None = 
             # Size mismatches are reported below with their key, not raised from deep inside.
             auto = AutoModelForSequenceClassification if classify else AutoModelForCausalLM if language_model \
                 else AutoModel
-            model, info = auto.from_pretrained(
-                source, dtype=DTYPES[dtype], attn_implementation=capture.BACKEND, output_loading_info=True,
-                ignore_mismatched_sizes=True, use_safetensors=None if allow_pickle else True, **kwargs)
+            with LOADING:
+                model, info = auto.from_pretrained(
+                    source, dtype=DTYPES[dtype], attn_implementation=capture.BACKEND, output_loading_info=True,
+                    ignore_mismatched_sizes=True, use_safetensors=None if allow_pickle else True, **kwargs)
     _check_weights_match(model, info, name, source)
     _check_text_model(model, name)
     if not isinstance(tokenizer, PreTrainedTokenizerFast):

@@ -264,3 +264,33 @@ def test_broken_model_through_the_cli_is_one_line(tiny_model_dir, tmp_path):
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1 and "encoder.layer.2." in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_models_load_in_threads_with_their_heads_tied(tiny_model_dir):
+    """transformers swaps PreTrainedModel.tie_weights for a no-op while it builds a model, so
+    loads in two threads untie each other's heads and can leave the no-op in place for the whole
+    process (4 threads x 15 loads of a tied GPT-2 without the lock: 60 of 60 missing lm_head).
+    Dask workers with several threads load in threads; model.LOADING serialises every load."""
+    import threading
+
+    from transformers.modeling_utils import PreTrainedModel
+
+    from attnpipe.model import load_model
+
+    folder, errors = tiny_model_dir("gpt2"), []
+
+    def work():
+        for _ in range(3):
+            try:
+                lm = load_model(str(folder), device="cpu", language_model=True)
+                assert lm.model.lm_head.weight is lm.model.get_input_embeddings().weight
+            except Exception as exc:  # noqa: BLE001 - collected and shown below
+                errors.append(f"{type(exc).__name__}: {exc}"[:200])
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert PreTrainedModel.tie_weights.__qualname__ == "PreTrainedModel.tie_weights"

@@ -172,8 +172,11 @@ def _classifier(lm: LoadedModel) -> torch.nn.Module:
     if not source or not any(k.endswith("ForSequenceClassification") for k in kinds):
         raise RecipeError(f"recipe scalar 'class' needs a sequence-classification model; {lm.name} is "
                           f"{', '.join(kinds) or 'a bare model'} (use 'pooled_norm' or 'logprob')")
-    classifier = AutoModelForSequenceClassification.from_pretrained(
-        source, dtype=lm.model.dtype, use_safetensors=True)
+    from ..model import LOADING
+
+    with LOADING:  # one load at a time in a process (model.LOADING)
+        classifier = AutoModelForSequenceClassification.from_pretrained(
+            source, dtype=lm.model.dtype, use_safetensors=True)
     setattr(classifier, classifier.base_model_prefix, lm.model.base_model)
     classifier.eval().to(lm.device)
     lm.__dict__["_attnpipe_classifier"] = classifier
