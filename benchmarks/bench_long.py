@@ -14,8 +14,9 @@ compiles per shape; at 256 tokens on a CPU, where a warm-up at full length would
 
 Shapes: "small" is issue 17's (4 layers, hidden 256, 8 heads, 2 key/value heads, 64k positions),
 "llama" is bench_extract's Llama GQA widths (hidden 2048, 32 heads, 8 key/value heads, head dim
-64) with 4 layers. Defaults: llama at 4k/8k/16k/32k on CUDA; small at 1k/2k/4k on a CPU (the torch
-path forms each layer's (head, query_pos, key_pos) map; pass --lengths for more).
+64) with 4 layers. Defaults: llama at 4k/8k/16k/32k on CUDA; small at 4k/8k/16k/32k on a CPU (the
+torch path takes a long window's queries a block at a time, reduce.query_blocks; the 32k figure
+takes about MINUTES minutes on 2 cores; pass --lengths for fewer).
 
 Usage: python benchmarks/bench_long.py [--device auto|cpu|cuda] [--lengths 4096,8192] [--shape small|llama]
                                        [--repeats N] [--json FILE]
@@ -38,7 +39,7 @@ SHAPES = {  # name -> (layers, hidden, heads, key/value heads)
     "small": (4, 256, 8, 2), "llama": (4, 2048, 32, 8)}
 DEFAULTS = {  # device type -> (shape, lengths, repeats, dtype)
     "cuda": ("llama", [4096, 8192, 16384, 32768], 3, "bfloat16"),
-    "cpu": ("small", [1024, 2048, 4096], 1, "float32")}
+    "cpu": ("small", [4096, 8192, 16384, 32768], 1, "float32")}
 METHODS = ("sdpa", "attnpipe")
 WARMUP_CPU = 256
 

@@ -46,3 +46,23 @@ def keep_freed_memory() -> bool:
     if not _done:
         log.debug("mallopt refused; host memory is handed back as usual")
     return _done
+
+
+def available_bytes(device) -> int | None:
+    """Memory a run can still take on `device`: the host's MemAvailable on a CPU, free memory
+    on a CUDA device; None where it cannot be read."""
+    if getattr(device, "type", device) == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -113,3 +113,18 @@ def model_weights_id(name: str, base_dir: Path, revision: str | None) -> str | N
         return embedded.weights_id()
     local = local_path(name, base_dir)
     return weights_sha256(local) if local.is_dir() else revision
+
+
+DEFAULT_WINDOW = 4096  # the window when the job sets none and the model states more
+
+
+def default_window(max_length: int, declared: tuple[int, str] | None) -> tuple[int, str]:
+    """(window, why) when the job sets no model.max_length: the length the model folder says the
+    model was trained for (sentence-transformers configs), else the model's maximum up to
+    DEFAULT_WINDOW tokens; model.max_length takes any length up to the maximum."""
+    if declared and declared[0] < max_length:
+        return declared
+    if max_length <= DEFAULT_WINDOW:
+        return max_length, "the model's maximum"
+    return DEFAULT_WINDOW, (f"attnpipe's default of {DEFAULT_WINDOW} tokens; the model takes up to {max_length} "
+                            "(set model.max_length for longer windows)")

@@ -22,7 +22,7 @@ from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModel
                           AutoTokenizer, PreTrainedTokenizerFast)
 
 from . import capture, hub
-from .hub import BUILTIN_NAMES, DEFAULT_MODEL, builtin_model_dir, weights_sha256  # noqa: F401 (re-exported)
+from .hub import BUILTIN_NAMES, DEFAULT_MODEL, builtin_model_dir, default_window, weights_sha256  # noqa: F401
 from .errors import JobError, ModelError
 from .words import plural
 
@@ -275,9 +275,10 @@ class LoadedModel:
 
     @cached_property
     def max_length(self) -> int:
-        """The longest forward window: what the model states, at most 4096 (a forward pass forms
-        each layer's whole map)."""
-        return min(self.stated_max_length, 4096)
+        """The longest forward window: what the model states. The torch path takes a long
+        window's queries a block at a time (reduce.query_blocks), so no layer's whole map is
+        formed; recipes that need one are checked against memory (check_whole_maps)."""
+        return self.stated_max_length
 
     @cached_property
     def stated_max_length(self) -> int:
@@ -294,9 +295,7 @@ class LoadedModel:
         """The window when the job sets none, and why: the length the model folder says the model
         was trained for (sentence-transformers configs), else the model's maximum."""
         declared = hub.declared_window(Path(self.provenance["source"])) if self.provenance.get("source") else None
-        if declared and declared[0] < self.max_length:
-            return declared
-        return self.max_length, "the model's maximum"
+        return default_window(self.max_length, declared)
 
     def check_window(self, max_length: int | None, stride: int) -> int:
         """The window length for the job's model.max_length (None: the default window), checked
@@ -315,6 +314,39 @@ class LoadedModel:
             raise JobError(f"model.stride ({stride}) must be smaller than the window's room for text "
                            f"({room} tokens = window length {window} minus {specials} special tokens)")
         return window
+
+    def whole_map_bytes(self, window: int, recipes: list[dict]) -> tuple[int, list[str]]:
+        """(estimated bytes, what needs them) of the whole (head, T, T) maps one window of
+        `window` tokens makes: the eager backend forms each layer's map; rollout, groups, word-level
+        and gradient recipes need it; (0, []) when every recipe takes queries in blocks. About two
+        float32 maps per head (the probabilities and a recipe's working copy) and four more for
+        the head mean and rollout's products; a backward pass keeps every layer's."""
+        from .recipes import RECIPES
+
+        needs = [r["name"] + ("(word)" if r.get("level") == "word" else "") for r in recipes
+                 if RECIPES[r["name"]].blocks is None or r.get("level") == "word"]
+        if self.capture_backend == "eager":
+            needs.append("run.attention = eager")
+        if not needs:
+            return 0, []
+        layers = self.num_layers if any(RECIPES[r["name"]].gradients for r in recipes) else 1
+        return (2 * self.num_heads + 4) * window * window * 4 * layers, needs
+
+    def check_whole_maps(self, window: int, recipes: list[dict]) -> None:
+        """Refuse, before the run, windows whose whole maps (whole_map_bytes) do not fit in 80%
+        of the memory the device has available, with the longest window that fits."""
+        from .hostmem import available_bytes
+
+        needed, needs = self.whole_map_bytes(window, recipes)
+        free = available_bytes(self.device) if needed else None
+        if not needed or free is None or needed <= 0.8 * free:
+            return
+        fits = int(window * (0.8 * free / needed) ** 0.5)
+        raise JobError(f"{', '.join(needs)} need{'s' if len(needs) == 1 else ''} each layer's whole "
+                       f"({self.num_heads}, T, T) attention map: a {window}-token window takes about "
+                       f"{needed / 2**30:.1f} GiB and {self.device.type} has {free / 2**30:.1f} GiB available; "
+                       f"set model.max_length to at most {fits}, or drop them (head_stats, topk, threshold, "
+                       "topp and dense take windows of any length, a block of queries at a time)")
 
     @cached_property
     def sep_ids(self) -> set[int]:

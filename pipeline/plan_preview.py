@@ -31,7 +31,7 @@ from .words import plural
 SAMPLE_DOCS = 200  # documents tokenized for the tokens-per-character ratio
 SAMPLE_CHARS = 20_000  # characters of one sampled document that are tokenized (long ones are cut)
 FALLBACK_CHARS_PER_TOKEN = 4.0
-MAX_WINDOW = 4096  # as LoadedModel.max_length: the longest window when the model states none
+MAX_WINDOW = 4096  # as LoadedModel.stated_max_length: the longest window when the model states none
 
 # Bytes per stored row, measured on the demo corpus (all-MiniLM-L6-v2, 300 documents) at each
 # run.weight_dtype; zstd on other data and other file sizes gives other figures.
@@ -96,17 +96,16 @@ def model_shape(folder: Path | None) -> dict:
     limits = [config.get("max_position_embeddings"), config.get("n_positions")]
     if folder:
         limits.append(_read_json(folder / "tokenizer_config.json").get("model_max_length"))
-    max_length = min(x for x in limits + [MAX_WINDOW] if isinstance(x, int) and x > 0)
+    stated = [x for x in limits if isinstance(x, int) and 0 < x < 1 << 40]
+    max_length = min(stated) if stated else MAX_WINDOW
     archs = " ".join(config.get("architectures") or [])
     causal = not config.get("is_encoder_decoder") and (
         bool(config.get("is_decoder")) or "CausalLM" in archs or "LMHead" in archs
         or config.get("model_type") in {"gpt2", "gpt_neo", "gpt_neox", "gptj", "llama", "mistral", "qwen2",
                                         "qwen3", "gemma", "gemma2", "phi", "phi3", "opt", "bloom", "falcon"})
-    declared = hub.declared_window(folder)
-    window = declared[0] if declared and declared[0] < max_length else max_length
+    window, why = hub.default_window(max_length, hub.declared_window(folder))
     return {"config": bool(config), "layers": layers, "heads": heads, "max_length": max_length,
-            "default_window": window, "causal": causal,
-            "window_from": declared[1] if window != max_length else "the model's maximum"}
+            "default_window": window, "causal": causal, "window_from": why}
 
 
 def load_tokenizer(folder: Path | None):

@@ -141,6 +141,7 @@ class PendingBatch:
 
 
 CPU_SLICE_BYTES = 8 << 20  # of one layer's float32 probabilities: a few windows (measured best of 1-32 MiB)
+DEVICE_BLOCK_BYTES = 1 << 30  # on an accelerator, the probabilities of a batch beyond which queries go in blocks
 
 
 def window_slices(lm: LoadedModel, windows: int, size: int) -> list[tuple[int, int]]:
@@ -153,12 +154,73 @@ def window_slices(lm: LoadedModel, windows: int, size: int) -> list[tuple[int, i
     return [(lo, min(lo + step, windows)) for lo in range(0, windows, step)]
 
 
+def query_blocks(lm: LoadedModel, windows: int, queries: int, keys: int) -> list[tuple[int, int]] | None:
+    """Blocks of query rows for windows whose probabilities exceed the budget (CPU_SLICE_BYTES
+    on a CPU, DEVICE_BLOCK_BYTES elsewhere), so a layer of a long window takes O(block x T)
+    memory, never its (head, T, T) map; None when the windows fit whole."""
+    budget = CPU_SLICE_BYTES if lm.device.type == "cpu" else DEVICE_BLOCK_BYTES
+    row = lm.num_heads * keys * 4 * windows  # one query row of every window's heads
+    if row * queries <= budget or queries <= 1:
+        return None
+    step = max(16, budget // row)
+    return [(q0, min(q0 + step, queries)) for q0 in range(0, queries, step)]
+
+
+def blockable(recipes: list[dict]) -> bool:
+    """Whether every recipe takes a window's queries in blocks (RECIPES' `blocks`): head
+    statistics (sums over queries) and per-query rows (top-k, threshold, top-p, dense); not
+    rollout, groups, gradients or word-level recipes, which need whole maps."""
+    return all(RECIPES[r["name"]].blocks is not None and r.get("level") != "word" for r in recipes)
+
+
 def _merge(parts: list[tuple[int, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
     """One recipe's columns from several slices (first window `lo`), batch_index made whole."""
     if len(parts) == 1 and parts[0][0] == 0:
         return parts[0][1]
     return {k: torch.cat([cols[k] + lo if k == "batch_index" else cols[k] for lo, cols in parts])
             for k in parts[0][1]}
+
+
+def _merge_blocks(kind: str, parts: list[tuple[int, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """One recipe's columns from the query blocks of the same windows (first query `q0`): rows
+    with query_pos made whole ("rows"), or the blocks' sums added up ("sum": head statistics,
+    whose rows are the same (window, head) in every block)."""
+    if kind == "rows":
+        return {k: torch.cat([cols[k] + q0 if k == "query_pos" else cols[k] for q0, cols in parts])
+                for k in parts[0][1]}
+    first = parts[0][1]
+    return {k: sum((cols[k] for _, cols in parts[1:]), first[k]) if k not in KEY_COLUMNS and first[k].is_floating_point()
+            else first[k] for k in first}
+
+
+KEY_COLUMNS = ("batch_index", "head", "window_tokens")
+
+
+def reduce_layer(lm: LoadedModel, site: SiteKey, inputs: LayerInputs, masks: list[BatchMasks],
+                 slices: list[tuple[int, int]], recipes: list[dict],
+                 carries: dict[tuple[int, str], dict[int, torch.Tensor]]) -> list[tuple[int, dict[str, torch.Tensor]]]:
+    """One layer's inputs through every recipe on the torch path, `slices` of windows (`masks`
+    theirs) at a time, and a long window's queries a block at a time (query_blocks); each
+    recipe's columns merged, batch_index and query_pos made whole. `carries` holds stateful
+    recipes' state per (slice, stack)."""
+    parts: dict[int, list[tuple[int, dict[str, torch.Tensor]]]] = {}
+    for n, ((lo, hi), part_masks) in enumerate(zip(slices, masks)):
+        rows = None if len(slices) == 1 else (lo, hi)
+        blocks = query_blocks(lm, hi - lo, inputs.query.shape[2], inputs.key.shape[2]) if blockable(recipes) else None
+        if blocks is None:
+            att = LayerAttention(None, site.layer, part_masks, inputs, rows=rows)
+            for i, cols in apply_recipes(att, recipes, carries.setdefault((n, site.stack), {})):
+                parts.setdefault(i, []).append((lo, cols))
+            continue
+        per_block: dict[int, list[tuple[int, dict[str, torch.Tensor]]]] = {}
+        causal = part_masks.causal and not part_masks.cross  # a block's queries see no key past it
+        for q0, q1 in blocks:  # a long window: its queries a block at a time
+            att = LayerAttention(None, site.layer, part_masks.queries(q0, q1, q1 if causal else None), inputs, rows=rows)
+            for i, cols in apply_recipes(att, recipes, {}):
+                per_block.setdefault(i, []).append((q0, cols))
+        for i, cols in per_block.items():
+            parts.setdefault(i, []).append((lo, _merge_blocks(RECIPES[recipes[i]["name"]].blocks, cols)))
+    return [(i, _merge(cols)) for i, cols in parts.items()]
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
@@ -204,13 +266,8 @@ def reduce_batch_async(lm: LoadedModel, windows: list[Window], recipes: list[dic
             return
         if id(site_masks) not in sliced:
             sliced[id(site_masks)] = [site_masks] if len(slices) == 1 else [site_masks.rows(lo, hi) for lo, hi in slices]
-        parts: dict[int, list[tuple[int, dict[str, torch.Tensor]]]] = {}
-        for n, ((lo, hi), part_masks) in enumerate(zip(slices, sliced[id(site_masks)])):
-            att = LayerAttention(None, site.layer, part_masks, inputs, rows=None if len(slices) == 1 else (lo, hi))
-            for i, cols in apply_recipes(att, recipes, carries.setdefault((n, site.stack), {})):
-                parts.setdefault(i, []).append((lo, cols))
-        for i, cols in parts.items():
-            pending.append((i, site, {k: _to_host(v) for k, v in _merge(cols).items()}))
+        for i, cols in reduce_layer(lm, site, inputs, sliced[id(site_masks)], slices, recipes, carries):
+            pending.append((i, site, {k: _to_host(v) for k, v in cols.items()}))
 
     with capture_layers(sink, backend=lm.capture_backend, model=lm.model, causal=lm.causal):
         output = lm.forward(ids, attention_mask, **decoder, **(keep or {}))

@@ -55,6 +55,7 @@ class Runtime:
             keep_freed_memory()
         if job.generate is None:
             window = model.check_window(job.model.max_length, job.model.stride)
+            model.check_whole_maps(window, job.recipes)
         else:  # a prompt and its generation share the positions the model states
             from .generate.check import generate_window
 

@@ -66,7 +66,7 @@ def smol(smol_cache):
 def test_loads_as_a_causal_gqa_decoder(smol, smol_cache):
     assert (smol.num_layers, smol.num_heads, smol.causal) == (30, 9, True)
     assert smol.model.config.num_key_value_heads == 3  # grouped-query attention: 3 heads per kv head
-    assert smol.max_length == 4096  # 8k positions, capped as every model's default window is
+    assert smol.max_length == 8192 and smol.default_window[0] == 4096  # 8k positions; default window 4096
     source = Path(smol.provenance["source"])
     assert source.parent == smol_cache / "models" and (source / embedded.MARKER).is_file()
     # The weights id is the GGUF's sha256, the same with or without loading (dry run, Dask driver).

@@ -36,7 +36,7 @@ from typing import Callable, Iterator
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from ..errors import ModelError
 from .sites import SiteKey, module_names, site_key
@@ -48,7 +48,9 @@ BACKENDS = ("eager", "sdpa")
 @dataclass
 class LayerInputs:
     """What one attention call hands the recipes. Shapes: query (batch, head, query_pos, dim),
-    key (batch, kv_head, key_pos, dim), mask additive (batch, 1 or head, query_pos, key_pos)."""
+    key (batch, kv_head, key_pos, dim), mask (batch, 1 or head, query_pos, key_pos): additive
+    (eager's float mask), boolean (SDPA's, true = attend), or None, in which case `implied_causal`
+    says whether the backend masked the future itself (SDPA's is_causal)."""
 
     site: SiteKey
     query: torch.Tensor
@@ -60,6 +62,7 @@ class LayerInputs:
     causal: bool
     sliding_window: int | None
     given: torch.Tensor | None = field(default=None, repr=False)  # probabilities the backend computed
+    implied_causal: bool = False  # mask is None and the backend ran causal attention without one
 
     @cached_property
     def probs(self) -> torch.Tensor:
@@ -69,21 +72,78 @@ class LayerInputs:
             return self.given
         return self.probs_rows(0, self.query.shape[0])
 
-    def probs_rows(self, lo: int, hi: int) -> torch.Tensor:
-        """The probabilities of windows lo..hi only: a view when the backend computed them, else
-        computed from those windows' q and k (a few windows at a time stay in cache on a CPU)."""
+    def additive(self, lo: int = 0, hi: int | None = None, q0: int = 0, q1: int | None = None,
+                 k1: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        """The mask of windows lo..hi, query rows q0..q1 and keys 0..k1 as an additive float mask
+        (0 or the dtype's minimum), whatever form the backend took it in; None when nothing is
+        masked."""
+        hi = self.query.shape[0] if hi is None else hi
+        q1 = self.query.shape[2] if q1 is None else min(q1, self.query.shape[2])
+        k1 = self.key.shape[2] if k1 is None else min(k1, self.key.shape[2])
+        mask = self.mask
+        if mask is None:
+            if not self.implied_causal:
+                return None
+            # the query rows are the last ones of the keys (lower right)
+            rows = torch.arange(q0, q1, device=self.query.device) + (self.key.shape[2] - self.query.shape[2])
+            future = torch.arange(k1, device=self.query.device)[None, :] > rows[:, None]
+            if not future.any():
+                return None
+            return torch.zeros(future.shape, dtype=dtype, device=future.device).masked_fill_(
+                future, torch.finfo(dtype).min)[None, None]
+        mask = (mask if mask.shape[0] == 1 else mask[lo:hi])[..., q0:q1, :k1]
+        if mask.dtype == torch.bool:
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+        return mask.to(dtype)
+
+    def probs_rows(self, lo: int, hi: int, q0: int = 0, q1: int | None = None, k1: int | None = None) -> torch.Tensor:
+        """The probabilities of windows lo..hi (and query rows q0..q1, keys 0..k1) only: a view
+        when the backend computed them, else computed from those rows' q and k (a few windows, or
+        a block of one long window's queries, at a time: they stay in cache on a CPU, and a long
+        window never needs its whole (head, T, T) map). Keys past k1 must have no weight (a
+        causal block's future): the softmax is over keys 0..k1."""
         if self.given is not None:
-            return self.given[lo:hi]
-        rows = lambda t: t if t.shape[0] == 1 else t[lo:hi]  # noqa: E731 (broadcast masks stay whole)
-        key = self.key[lo:hi]
-        if self.n_rep > 1:
-            key = key.repeat_interleave(self.n_rep, dim=1)
-        scores = torch.matmul(self.query[lo:hi].float(), key.float().transpose(-1, -2)).mul_(self.scaling)
+            return self.given[lo:hi, :, q0:q1, :k1]
+        return torch.softmax(self.scores_rows(lo, hi, q0, q1, k1), dim=-1)
+
+    def log_probs_rows(self, lo: int, hi: int, q0: int = 0, q1: int | None = None,
+                       k1: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probabilities, their logarithms) of the same rows as probs_rows, from the scores:
+        log p = s - logsumexp(s), so entropies need no log of every weight. Masked keys get
+        log p near the float32 minimum (finite) and p = 0."""
+        scores = self.scores_rows(lo, hi, q0, q1, k1)
+        scores -= torch.logsumexp(scores, dim=-1, keepdim=True)
+        return scores.exp(), scores
+
+    def scores_rows(self, lo: int, hi: int, q0: int = 0, q1: int | None = None, k1: int | None = None) -> torch.Tensor:
+        """(windows, head, q1 - q0, k1) float32 scores before the softmax: q k^T * scaling +
+        position bias + mask."""
+        q1 = self.query.shape[2] if q1 is None else min(q1, self.query.shape[2])
+        k1 = self.key.shape[2] if k1 is None else min(k1, self.key.shape[2])
+        key = self.key[lo:hi, :, :k1].float()  # (batch, kv_head, key_pos, dim)
+        query = self.query[lo:hi, :, q0:q1].float() * self.scaling  # scaled before the product: one pass less
+        batch, heads, rows, dim = query.shape
+        # Grouped-query attention: query head i reads key/value head i // n_rep, so each key/value
+        # head's queries go in one product, with no copy of the keys per query head.
+        scores = torch.matmul(query.reshape(batch, key.shape[1], self.n_rep * rows, dim), key.transpose(-1, -2))
+        scores = scores.view(batch, heads, rows, -1)
         if self.position_bias is not None:
-            scores += rows(self.position_bias).float()
-        if self.mask is not None:
-            scores += rows(self.mask).float()
-        return torch.softmax(scores, dim=-1)
+            bias = self.position_bias
+            scores += (bias if bias.shape[0] == 1 else bias[lo:hi])[..., q0:q1, :k1].float()
+        if self.mask is None and self.implied_causal:
+            # Causal without a mask: only the keys after the block's first query can be in the
+            # future, so the mask touches that corner of the scores only.
+            first = q0 + self.key.shape[2] - self.query.shape[2]  # the first query's own key
+            corner = scores[..., first + 1: k1]
+            if corner.shape[-1]:
+                rows = torch.arange(first, first + scores.shape[-2], device=scores.device)[:, None]
+                future = torch.arange(first + 1, k1, device=scores.device)[None, :] > rows
+                corner.masked_fill_(future, torch.finfo(scores.dtype).min)
+            return scores
+        mask = self.additive(lo, hi, q0, q1, k1)
+        if mask is not None:
+            scores += mask
+        return scores
 
 
 # (inputs of one layer) -> None
@@ -140,9 +200,16 @@ def attnpipe_attention(module, query, key, value, attention_mask, **kwargs):
         edit = editing.editor(site_key(module, editing.names, editing.causal), query, attention_mask)
     if edit is not None and edit.bias is not None:
         attention_mask = biased_mask(attention_mask, edit.bias, query, key, module)
+    # SDPA's rule: no mask and more than one query means causal attention, for a causal module.
+    implied = attention_mask is None and query.shape[2] > 1 and bool(
+        kwargs["is_causal"] if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True))
     if edit is not None and edit.patch is not None:
         output, probs = _patched_attention(module, query, key, value, attention_mask, edit, **kwargs)
     elif backend == "eager" or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        if backend != "eager" and (implied or (attention_mask is not None and attention_mask.dtype == torch.bool)):
+            attention_mask = LayerInputs(None, query, key, 1.0, attention_mask, None, 1, False, None,
+                                         implied_causal=implied).additive(dtype=query.dtype)  # SDPA's form
+            implied = False
         output, probs = _eager_for(module)(module, query, key, value, attention_mask, **kwargs)
     else:
         output, probs = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -153,7 +220,7 @@ def attnpipe_attention(module, query, key, value, attention_mask, **kwargs):
             scaling=query.shape[-1] ** -0.5 if scaling is None else float(scaling), mask=attention_mask,
             position_bias=kwargs.get("position_bias"), n_rep=query.shape[1] // key.shape[1],
             causal=bool(getattr(module, "is_causal", False)), sliding_window=kwargs.get("sliding_window"),
-            given=None if probs is None else probs))
+            given=None if probs is None else probs, implied_causal=implied and probs is None))
     return output, None
 
 
@@ -188,8 +255,19 @@ def _patched_attention(module, query, key, value, attention_mask, edit: LayerEdi
     return output, probs
 
 
+def attnpipe_mask(*args, **kwargs) -> torch.Tensor | None:
+    """The model's attention mask, in the form its backend takes. SDPA's (a capture on the sdpa
+    backend, no edit): None where causality or nothing needs masking (no padding, as SDPA itself
+    decides), else a boolean (batch, 1, query_pos, key_pos), so no float (T, T) mask is formed for
+    a long window. Otherwise eager's additive float mask, which edits add their bias to."""
+    session = _ACTIVE.get()
+    if session is not None and session.backend == "sdpa" and _EDITING.get() is None:
+        return sdpa_mask(*args, **kwargs)
+    return eager_mask(*args, **kwargs)
+
+
 AttentionInterface.register(BACKEND, attnpipe_attention)
-AttentionMaskInterface.register(BACKEND, eager_mask)  # eager's additive float mask, for both backends
+AttentionMaskInterface.register(BACKEND, attnpipe_mask)
 
 
 @contextmanager

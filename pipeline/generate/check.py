@@ -9,8 +9,7 @@ from .steps import STEP_RECIPES
 
 def generate_window(job, lm) -> int:
     """The most tokens a prompt and its generation may hold: model.max_length when the job sets
-    it (up to what the model states), else the model's stated positions. Not the forward path's
-    4096 cap: generation forms a whole map only for the prompt."""
+    it (up to what the model states), else the model's stated positions."""
     stated = lm.stated_max_length
     if job.model.max_length is not None and job.model.max_length > stated:
         raise JobError(f"model.max_length is {job.model.max_length} but model {lm.name!r} states {stated} positions; "

@@ -27,8 +27,7 @@ import torch
 from ..capture import LayerInputs, capture_layers
 from ..model import LoadedModel
 from ..recipes import RECIPES
-from ..recipes.attention import LayerAttention
-from ..reduce import apply_recipes, batch_masks, window_slices
+from ..reduce import batch_masks, reduce_layer, window_slices
 from . import steps as step_rows
 from .prompts import Prompt
 
@@ -61,17 +60,21 @@ def row_probs(inputs: LayerInputs) -> torch.Tensor:
     scores = scores.reshape(batch, heads, 1, -1).mul_(inputs.scaling)
     if inputs.position_bias is not None:
         scores += inputs.position_bias[..., -1:, :].float()
-    if inputs.mask is not None:
-        scores += inputs.mask[..., -1:, :].float()
+    mask = inputs.additive(q0=inputs.query.shape[2] - 1)
+    if mask is not None:
+        scores += mask
     return torch.softmax(scores, dim=-1)
 
 
 def _right_aligned(inputs: LayerInputs, pads: torch.Tensor) -> LayerInputs:
     """A prefill layer's inputs with each row moved left by its padding: every prompt starts at
     position 0 and its padding follows it, the layout of a forward batch, so the recipes take the
-    whole batch at once and write the prompt's own positions. The additive mask (and any given
-    probabilities) move along both position axes; a missing mask of a causal layer is spelled out."""
+    whole batch at once and write the prompt's own positions. The mask, in the backend's form
+    (and any given probabilities), moves along both position axes; a missing mask of a causal
+    layer is spelled out. Without padding (one prompt, or prompts of one length) nothing moves."""
     batch, _, size, _ = inputs.query.shape
+    if not bool(pads.any()):
+        return inputs
     index = (torch.arange(size, device=pads.device)[None, :] + pads[:, None]) % size  # (batch, pos)
 
     def along(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -87,7 +90,7 @@ def _right_aligned(inputs: LayerInputs, pads: torch.Tensor) -> LayerInputs:
         return along(along(t, 2), 3)
 
     mask = inputs.mask
-    if mask is None and inputs.causal:
+    if mask is None and (inputs.causal or inputs.implied_causal):
         low = torch.finfo(inputs.query.dtype).min
         mask = torch.zeros(1, 1, size, size, device=inputs.query.device, dtype=inputs.query.dtype).masked_fill(
             torch.ones(size, size, dtype=torch.bool, device=inputs.query.device).triu(1), low)
@@ -160,6 +163,7 @@ class _Session:
         self.step = 0  # of the forward in progress: 0 the prefill, s the step that feeds token s - 1
         self.masks = None  # BatchMasks of the prompts, right-aligned (set by generate_batch)
         self.slices: list[tuple[int, int]] = []
+        self.sliced: list | None = None  # the masks of each slice
         self.carries: dict[tuple[int, str], dict] = {}
         self.pending: dict[tuple[str, int | None], list[dict]] = {}
 
@@ -173,17 +177,15 @@ class _Session:
 
     def _prefill_recipes(self, inputs: LayerInputs) -> None:
         """The prompts' own attention through the job's recipes, as a forward batch of them (each
-        row without its left padding), a few prompts at a time on a CPU (reduce.window_slices)."""
+        row without its left padding), a few prompts at a time on a CPU (reduce.window_slices),
+        a long prompt's queries a block at a time (reduce.query_blocks)."""
         site = inputs.site
         right = _right_aligned(inputs, torch.tensor(self.pads, device=inputs.query.device))
-        whole = len(self.slices) == 1
-        for n, (lo, hi) in enumerate(self.slices):
-            masks = self.masks if whole else self.masks.rows(lo, hi)
-            att = LayerAttention(None, site.layer, masks, right, rows=None if whole else (lo, hi))
-            for i, cols in apply_recipes(att, self.recipes, self.carries.setdefault((n, site.stack), {})):
-                cols = {k: v.cpu().numpy() for k, v in cols.items()}
-                cols["batch_index"] = cols["batch_index"] + lo
-                self.emit(RECIPES[self.recipes[i]["name"]].table, site.layer, i, cols)
+        if self.sliced is None:
+            self.sliced = [self.masks] if len(self.slices) == 1 else [self.masks.rows(lo, hi) for lo, hi in self.slices]
+        for i, cols in reduce_layer(self.lm, site, right, self.sliced, self.slices, self.recipes, self.carries):
+            cols = {k: v.cpu().numpy() for k, v in cols.items()}
+            self.emit(RECIPES[self.recipes[i]["name"]].table, site.layer, i, cols)
 
     def stacked(self) -> torch.Tensor:
         p = torch.stack(self.rows)  # (layer, batch, head, keys)

@@ -130,6 +130,9 @@ class Recipe:
     version: int
     stateful: bool = False  # rollout carries its product from one layer to the next
     gradients: bool = False  # needs dF/dA: reduce hands the batch to pipeline/control/gradients.py
+    # How a long window's queries are taken a block at a time (reduce.query_blocks): "rows" (one
+    # row set per query), "sum" (the blocks' columns add up), None (needs the whole (T, T) map).
+    blocks: str | None = None
 
     @cached_property
     def fn(self) -> Callable:
@@ -148,12 +151,12 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     # v2: its token count is window_tokens (was n_tokens).
-    Recipe("head_stats", ".head_stats:head_stats", "head_stats", NoParams, 2),
-    Recipe("topk", ".masks:topk", "edges", TopkParams, 1),
-    Recipe("threshold", ".masks:threshold", "edges", ThresholdParams, 1),
-    Recipe("topp", ".masks:topp", "edges", ToppParams, 1),
+    Recipe("head_stats", ".head_stats:head_stats", "head_stats", NoParams, 2, blocks="sum"),
+    Recipe("topk", ".masks:topk", "edges", TopkParams, 1, blocks="rows"),
+    Recipe("threshold", ".masks:threshold", "edges", ThresholdParams, 1, blocks="rows"),
+    Recipe("topp", ".masks:topp", "edges", ToppParams, 1, blocks="rows"),
     Recipe("rollout", ".rollout:rollout", "rollout", RolloutParams, 1, stateful=True),
-    Recipe("dense", ".dense:dense", "maps", DenseParams, 1),
+    Recipe("dense", ".dense:dense", "maps", DenseParams, 1, blocks="rows"),
     Recipe("groups", ".groups:groups", "group_mass", GroupsParams, 1),
     # Saliency (pipeline/recipes/saliency.py): attention times a gradient of a chosen scalar.
     Recipe("attn_grad", ".saliency:attn_grad", "saliency", SaliencyParams, 1, gradients=True),

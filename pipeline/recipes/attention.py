@@ -31,13 +31,31 @@ class BatchMasks:
     keys: "BatchMasks | None" = None  # cross-attention: the key side; None: the keys are the queries
     words: "WordPooling | None" = None  # the windows' words, when a recipe runs at level "word"
     groups: torch.Tensor | None = None  # (batch, group, pos) bool: the job's token groups (groups recipe)
+    # A block of query rows (BatchMasks.queries): the query side holds positions offset..offset+size
+    # of the windows, `whole` is the windows' own masks (self-attention's key side).
+    offset: int = 0
+    whole: "BatchMasks | None" = None
 
     def rows(self, lo: int, hi: int) -> "BatchMasks":
         """The masks of windows lo..hi."""
+        if self.whole is not None:
+            return self.whole.rows(lo, hi).queries(self.offset, self.offset + self.size)
         return BatchMasks(self.lengths[lo:hi], self.special[lo:hi], self.sep[lo:hi], self.punct[lo:hi],
                           self.causal, None if self.keys is None else self.keys.rows(lo, hi),
                           None if self.words is None else self.words.rows(lo, hi),
                           None if self.groups is None else self.groups[lo:hi])
+
+    def queries(self, q0: int, q1: int, keys: int | None = None) -> "BatchMasks":
+        """The masks of query rows q0..q1 of these windows: what a recipe sees of one block of a
+        long window. Self-attention's keys are the windows' positions 0..keys (all of them by
+        default; a causal block's queries see none past q1). Words and groups need whole windows
+        and are left out."""
+        if self.whole is not None:
+            raise ValueError("queries() of a block of queries")
+        whole = self if keys is None or self.keys is not None else BatchMasks(
+            self.lengths, self.special[:, :keys], self.sep[:, :keys], self.punct[:, :keys], self.causal)
+        return BatchMasks(self.lengths, self.special[:, q0:q1], self.sep[:, q0:q1], self.punct[:, q0:q1],
+                          self.causal, self.keys, offset=q0, whole=whole)
 
     @cached_property
     def word_level(self) -> "BatchMasks":
@@ -55,16 +73,16 @@ class BatchMasks:
 
     @property
     def key_side(self) -> "BatchMasks":
-        """The keys' masks: `keys` for cross-attention, these masks for self-attention."""
-        return self if self.keys is None else self.keys
+        """The keys' masks: `keys` for cross-attention, the windows' own for self-attention."""
+        return self.keys if self.keys is not None else self.whole if self.whole is not None else self
 
     @property
     def size(self) -> int:  # query positions
         return self.special.shape[1]
 
     @cached_property
-    def positions(self) -> torch.Tensor:  # (query_pos,)
-        return torch.arange(self.size, device=self.lengths.device)
+    def positions(self) -> torch.Tensor:  # (query_pos,): the queries' positions in their windows
+        return torch.arange(self.offset, self.offset + self.size, device=self.lengths.device)
 
     @property
     def key_positions(self) -> torch.Tensor:  # (key_pos,)
@@ -78,8 +96,7 @@ class BatchMasks:
     def pair_valid(self) -> torch.Tensor:  # (batch, 1, query_pos, key_pos)
         valid = self.token_valid[:, None, :, None] & self.key_side.token_valid[:, None, None, :]
         if self.causal and not self.cross:
-            valid = valid & torch.ones(self.size, self.size, dtype=torch.bool,
-                                       device=valid.device).tril()
+            valid = valid & (self.key_positions[None, :] <= self.positions[:, None])
         return valid
 
 
@@ -115,7 +132,27 @@ class LayerAttention:
     def probs(self) -> torch.Tensor:  # (batch, head, query_pos, key_pos), as the model computed it
         if self._probs is not None:
             return self._probs
-        return self.inputs.probs if self.rows is None else self.inputs.probs_rows(*self.rows)
+        if self.rows is None and self.masks.whole is None:
+            return self.inputs.probs
+        return self.inputs.probs_rows(*self._span)
+
+    @property
+    def _span(self) -> tuple[int, int, int, int, int]:
+        """(first window, last window + 1, first query, last query + 1, keys) of the inputs."""
+        m = self.masks
+        lo, hi = self.rows or (0, self.inputs.query.shape[0])
+        return lo, hi, m.offset, m.offset + m.size, m.key_side.size
+
+    def take_log_probs(self) -> torch.Tensor:
+        """log(clean), a tensor the caller owns (it may write into it): finite everywhere (about
+        -87 or less where a weight is 0, so 0 * log stays 0). Computed with the probabilities
+        from the scores (log p = s - logsumexp s) when they are not formed yet, which spares a
+        log of every weight; else the log of the probabilities clamped at the smallest normal float."""
+        if (self._probs is None and self.inputs is not None and self.inputs.given is None
+                and "probs" not in self.__dict__):
+            self.__dict__["probs"], log_probs = self.inputs.log_probs_rows(*self._span)
+            return log_probs
+        return torch.clamp_min(self.clean, torch.finfo(torch.float32).tiny).log_()
 
     @cached_property
     def clean(self) -> torch.Tensor:

@@ -8,9 +8,6 @@ import torch
 
 from .attention import LayerAttention
 
-_TINY = torch.finfo(torch.float32).tiny
-
-
 def _keys_seen(m) -> torch.Tensor:
     """(batch, query_pos) how many keys each query sees: the window's (for cross-attention the
     source's) length, or up to itself."""
@@ -36,14 +33,14 @@ def head_stats(att: LayerAttention) -> dict[str, torch.Tensor]:
     the window's words.
     """
     m = att.masks
+    # Each statistic is one pass over P (the callers hand a CPU a few windows at a time, so P is
+    # in cache for all of them): sum P log P with log P from the scores (s - logsumexp s) or a
+    # vectorised log clamped at the smallest normal float (exact zeros, padding and the future,
+    # give 0 * -87.3; weights under 1e-38 add under 1e-36), 5x faster than xlogy; distance as one
+    # product; the fixed key sets as one matmul; self, previous and next off three diagonals.
+    scratch = att.take_log_probs()
     p = att.clean  # (batch, head, query_pos, key_pos), zero on padded and future keys
     batch, heads, size, _ = p.shape
-    # Each statistic is one pass over P (the callers hand a CPU a few windows at a time, so P is
-    # in cache for all of them): sum P log P with a vectorised log clamped at the smallest normal
-    # float (exact zeros, padding and the future, give 0 * -87.3; weights under 1e-38 add under
-    # 1e-36), which is 5x faster than xlogy; distance as one product; the fixed key sets as one
-    # matmul; self, previous and next straight off three diagonals.
-    scratch = torch.clamp_min(p, _TINY).log_()
     entropy = -scratch.mul_(p).sum(-1)  # (batch, head, query_pos)
     keys = m.key_side
     first = torch.zeros_like(keys.sep)
@@ -55,8 +52,9 @@ def head_stats(att: LayerAttention) -> dict[str, torch.Tensor]:
     log_n = torch.where(n_keys > 1, n_keys.clamp_min(2).log(), torch.full_like(n_keys, math.inf))
     # Means over the real queries as products with their weights (batch, query_pos): no pass over
     # padded rows, whose values (finite, from the softmax) are multiplied by exact zeros.
-    weights = m.token_valid.to(p.dtype)
-    weights = weights / weights.sum(-1, keepdim=True).clamp_min(1.0)
+    # A block of a long window's queries (BatchMasks.queries) weighs its queries by the window's
+    # count, so the blocks' rows add up to the window's means (reduce.py sums them).
+    weights = m.token_valid.to(p.dtype) / m.lengths[:, None].clamp_min(1).to(p.dtype)
     entropies = torch.stack([entropy, entropy / log_n.expand_as(entropy)], dim=-1)  # (batch, head, query_pos, 2)
     mean_of = lambda x: torch.einsum("bhqc,bq->bhc", x, weights)  # noqa: E731
     e, f = mean_of(entropies), mean_of(fixed)
@@ -74,14 +72,21 @@ def head_stats(att: LayerAttention) -> dict[str, torch.Tensor]:
 
 def _relative(p: torch.Tensor, m, scratch: torch.Tensor) -> torch.Tensor:
     """(batch, head, query_pos, 4): distance, self, previous and next mass per query (self-attention)."""
-    batch, heads = p.shape[:2]
-    pos = m.positions.to(p.dtype)
-    distance = torch.mul(p, (pos[:, None] - pos[None, :]).abs_(), out=scratch).sum(-1)
-    zero = p.new_zeros(batch, heads, 1)
-    self_ = p.diagonal(0, -2, -1)
-    prev = torch.cat([zero, p.diagonal(-1, -2, -1)], dim=-1)  # query q, key q - 1
-    next_ = torch.cat([p.diagonal(1, -2, -1), zero], dim=-1)  # query q, key q + 1
-    return torch.stack([distance, self_, prev, next_], dim=-1)
+    queries, keys = m.positions.to(p.dtype), m.key_positions.to(p.dtype)
+    distance = torch.mul(p, (queries[:, None] - keys[None, :]).abs_(), out=scratch).sum(-1)
+    return torch.stack([distance, _key_at(p, m.offset), _key_at(p, m.offset - 1), _key_at(p, m.offset + 1)], dim=-1)
+
+
+def _key_at(p: torch.Tensor, shift: int) -> torch.Tensor:
+    """(batch, head, query_pos): row i's weight on key i + shift (0 where there is no such key):
+    self (the block's offset), previous and next token, off one diagonal of the block."""
+    rows, keys = p.shape[-2:]
+    out = p.new_zeros(p.shape[:-1])
+    first = max(0, -shift)  # the first row whose key exists
+    count = max(0, min(rows, keys - shift) - first)
+    if count:
+        out[..., first: first + count] = p.diagonal(shift, -2, -1)[..., :count]
+    return out
 
 
 STATS = ("entropy", "entropy_norm", "first_mass", "sep_mass", "special_mass", "self_mass", "prev_mass",
