@@ -338,3 +338,17 @@ def test_open_dataset_without_torch(data):
             f"bad = [m for m in sys.modules if m.startswith({FORBIDDEN!r})]; print(bad); assert not bad, bad")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr + done.stdout
+
+
+def test_a_dataset_never_closed_leaves_no_temp_folder(data, tmp_path):
+    """DuckDB's private spill folder goes when the dataset is closed, collected, or the process
+    exits without closing it (a notebook's dataset; these folders piled up in /tmp before)."""
+    import os
+
+    script = ("import glob, sys\nfrom attnpipe.read import open_dataset\nds = open_dataset(sys.argv[1])\n"
+              "ds.sql('SELECT count(*) FROM head_stats')\nprint(len(glob.glob(sys.argv[2] + '/attnpipe-duckdb-*')))\n")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script, str(data["dense"]), str(tmp_path)], env=env,
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "1"  # made while open
+    assert not list(tmp_path.glob("attnpipe-duckdb-*"))  # gone at exit

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import duckdb
@@ -150,6 +151,9 @@ class Query:
         # A fresh private folder of our own (0700, random name, removed on close) holds only
         # DuckDB's spill files, so large sorts still spill to disk.
         self._temp = tempfile.mkdtemp(prefix="attnpipe-duckdb-")
+        # Removed on close, and also when the object is collected or the interpreter exits: a
+        # dataset opened in a notebook and never closed left its folder in /tmp for good.
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._temp, ignore_errors=True)
         # Extension autoloading off before anything can trigger it; parquet and json are built in.
         self.con = duckdb.connect(config={"autoinstall_known_extensions": False,
                                           "autoload_known_extensions": False,
@@ -238,7 +242,7 @@ class Query:
 
     def close(self) -> None:
         self.con.close()
-        shutil.rmtree(self._temp, ignore_errors=True)
+        self._cleanup()
 
 
 def damaged(label: str, detail: str) -> QueryError:
