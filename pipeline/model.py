@@ -321,10 +321,9 @@ class LoadedModel:
         and gradient recipes need it; (0, []) when every recipe takes queries in blocks. About two
         float32 maps per head (the probabilities and a recipe's working copy) and four more for
         the head mean and rollout's products; a backward pass keeps every layer's."""
-        from .recipes import RECIPES
+        from .recipes import RECIPES, needs_whole_map
 
-        needs = [r["name"] + ("(word)" if r.get("level") == "word" else "") for r in recipes
-                 if RECIPES[r["name"]].blocks is None or r.get("level") == "word"]
+        needs = [r["name"] + ("(word)" if r.get("level") == "word" else "") for r in recipes if needs_whole_map(r)]
         if self.capture_backend == "eager":
             needs.append("run.attention = eager")
         if not needs:

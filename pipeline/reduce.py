@@ -10,7 +10,7 @@ import torch
 
 from .capture import LayerInputs, SiteKey, capture_layers
 from .model import LoadedModel
-from .recipes import RECIPES, BatchMasks, LayerAttention
+from .recipes import RECIPES, BatchMasks, LayerAttention, needs_whole_map
 from .recipes.attention import WordPooling
 from .recipes.fused import FusedAttention
 from .windows import Target, Window, collate
@@ -166,13 +166,6 @@ def query_blocks(lm: LoadedModel, windows: int, queries: int, keys: int) -> list
     return [(q0, min(q0 + step, queries)) for q0 in range(0, queries, step)]
 
 
-def blockable(recipes: list[dict]) -> bool:
-    """Whether every recipe takes a window's queries in blocks (RECIPES' `blocks`): head
-    statistics (sums over queries) and per-query rows (top-k, threshold, top-p, dense); not
-    rollout, groups, gradients or word-level recipes, which need whole maps."""
-    return all(RECIPES[r["name"]].blocks is not None and r.get("level") != "word" for r in recipes)
-
-
 def _merge(parts: list[tuple[int, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
     """One recipe's columns from several slices (first window `lo`), batch_index made whole."""
     if len(parts) == 1 and parts[0][0] == 0:
@@ -204,9 +197,10 @@ def reduce_layer(lm: LoadedModel, site: SiteKey, inputs: LayerInputs, masks: lis
     recipe's columns merged, batch_index and query_pos made whole. `carries` holds stateful
     recipes' state per (slice, stack)."""
     parts: dict[int, list[tuple[int, dict[str, torch.Tensor]]]] = {}
+    blockable = not any(needs_whole_map(r) for r in recipes)
     for n, ((lo, hi), part_masks) in enumerate(zip(slices, masks)):
         rows = None if len(slices) == 1 else (lo, hi)
-        blocks = query_blocks(lm, hi - lo, inputs.query.shape[2], inputs.key.shape[2]) if blockable(recipes) else None
+        blocks = query_blocks(lm, hi - lo, inputs.query.shape[2], inputs.key.shape[2]) if blockable else None
         if blocks is None:
             att = LayerAttention(None, site.layer, part_masks, inputs, rows=rows)
             for i, cols in apply_recipes(att, recipes, carries.setdefault((n, site.stack), {})):

@@ -109,7 +109,7 @@ class LayerInputs:
     def log_probs_rows(self, lo: int, hi: int, q0: int = 0, q1: int | None = None,
                        k1: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(probabilities, their logarithms) of the same rows as probs_rows, from the scores:
-        log p = s - logsumexp(s), so entropies need no log of every weight. Masked keys get
+        log p = s - max - log(sum exp(s - max)), so entropies need no log of every weight. Masked keys get
         log p near the float32 minimum (finite) and p = 0."""
         scores = self.scores_rows(lo, hi, q0, q1, k1)
         scores -= scores.amax(dim=-1, keepdim=True)

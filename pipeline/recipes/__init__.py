@@ -170,6 +170,12 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
 ]}
 
 
+def needs_whole_map(spec: dict[str, Any]) -> bool:
+    """Whether a recipe needs each layer's whole (head, T, T) map of a window: rollout, groups,
+    gradient and word-level recipes; the others take a window's queries a block at a time."""
+    return RECIPES[spec["name"]].blocks is None or spec.get("level") == "word"
+
+
 def validate_recipe(spec: dict[str, Any], where: str) -> dict[str, Any]:
     """Check a recipe entry {name, **params}; return it with every default filled in."""
     if not isinstance(spec, dict) or "name" not in spec:
@@ -207,5 +213,5 @@ def recipe_id(spec: dict[str, Any]) -> str:
     return f"{spec['name']}{recipe_params(spec)}"
 
 
-__all__ = ["RECIPES", "Recipe", "BatchMasks", "LayerAttention", "HEAD_MEAN", "validate_recipe",
+__all__ = ["RECIPES", "Recipe", "BatchMasks", "LayerAttention", "HEAD_MEAN", "needs_whole_map", "validate_recipe",
            "recipe_params", "recipe_id"]

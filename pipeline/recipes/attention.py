@@ -146,7 +146,7 @@ class LayerAttention:
     def take_log_probs(self) -> torch.Tensor:
         """log(clean), a tensor the caller owns (it may write into it): finite everywhere (about
         -87 or less where a weight is 0, so 0 * log stays 0). Computed with the probabilities
-        from the scores (log p = s - logsumexp s) when they are not formed yet, which spares a
+        from the scores (capture.LayerInputs.log_probs_rows) when they are not formed yet, which spares a
         log of every weight; else the log of the probabilities clamped at the smallest normal float."""
         if (self._probs is None and self.inputs is not None and self.inputs.given is None
                 and "probs" not in self.__dict__):

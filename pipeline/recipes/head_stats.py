@@ -34,7 +34,7 @@ def head_stats(att: LayerAttention) -> dict[str, torch.Tensor]:
     """
     m = att.masks
     # Each statistic is one pass over P (the callers hand a CPU a few windows at a time, so P is
-    # in cache for all of them): sum P log P with log P from the scores (s - logsumexp s) or a
+    # in cache for all of them): sum P log P with log P from the scores (LayerInputs.log_probs_rows) or a
     # vectorised log clamped at the smallest normal float (exact zeros, padding and the future,
     # give 0 * -87.3; weights under 1e-38 add under 1e-36), 5x faster than xlogy; distance as one
     # product; the fixed key sets as one matmul; self, previous and next off three diagonals.
