@@ -287,7 +287,8 @@ def run_shard(job: JobSpec, spec: ShardSpec, rt: Runtime, out: Location | Path |
         with ShardWriter(staging_root, spec.index, attempt, rt.provenance, weight_dtype=job.run.weight_dtype,
                          buffer_bytes=job.run.buffer_mb << 20,
                          site_folders=job.corpus.target_column is not None
-                         or len(getattr(rt.model, "site_kinds", ())) > 1) as writer:
+                         or len(getattr(rt.model, "site_kinds", ())) > 1,
+                         heads=getattr(rt.model, "num_heads", None)) as writer:
             writer.recipes = {i: (r["name"], recipe_params(r)) for i, r in enumerate(job.recipes)}
             writer.doc_ids = docs.doc_ids
             counts = _write_documents(writer, rt, docs, progress)
@@ -347,6 +348,10 @@ def _write_documents(writer: ShardWriter, rt: Runtime, docs: ShardDocs, progress
                 progress(int((per_doc == 0).sum()), 0, int(docs.chars[part][per_doc == 0].sum()))
             pool.add(part.start, windows)
             reduce_ready()
+            # documents before the first unfinished one are complete: their rows become row groups
+            # on the writer thread, while the model runs the next chunk
+            pending = np.flatnonzero(remaining[:part.stop] > 0)
+            background.put(lambda upto=int(pending[0]) if len(pending) else part.stop: writer.seal(upto))
         reduce_ready(final=True)
     finally:
         background.close()

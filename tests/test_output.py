@@ -108,7 +108,7 @@ def test_layout_schema_and_provenance(tmp_path, corpus, tiny_model_dir):
                 recipe = recipe_names[int(m.group(3))]
                 assert arrow.metadata[b"attnpipe.recipe"] == recipe.encode()
                 assert data.column("recipe").unique().to_pylist() == [recipe]
-            keys = [(c, "ascending") for c in schema.row_group_by + schema.sort_by if c in data.column_names]
+            keys = [(c, "ascending") for c in schema.sort_by if c in data.column_names]
             pf = pq.ParquetFile(f)
             for i in range(pf.num_row_groups):
                 group = pf.read_row_group(i)

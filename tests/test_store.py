@@ -523,7 +523,10 @@ def test_write_error_is_one_line(tmp_path, tiny_model_dir, monkeypatch):
 # --- row groups and storage precision --------------------------------------------------------------
 
 @pytest.mark.parametrize("flush_rows", [None, 50], ids=["one-flush", "many-flushes"])
-def test_row_groups_never_mix_heads(tmp_path, tiny_model_dir, monkeypatch, flush_rows):
+def test_row_groups_hold_one_band_of_heads_and_a_run_of_documents(tmp_path, tiny_model_dir, monkeypatch, flush_rows):
+    """The tiny BERT's 4 heads fall into 3 bands ({0, 1}, {2}, {3}); a row group never mixes bands,
+    is sorted, and the row groups of one band cover disjoint runs of documents (a document cut
+    across two row groups is the only shared value), so a one-document filter skips the rest."""
     from attnpipe.store.writer import ShardWriter
 
     if flush_rows:
@@ -531,20 +534,25 @@ def test_row_groups_never_mix_heads(tmp_path, tiny_model_dir, monkeypatch, flush
     out = run(make_job(tmp_path, tiny_model_dir("bert"), batch_tokens=64)).output
     files = committed_files(out, "edges")
     assert files
+    bands = {0: 0, 1: 0, 2: 1, 3: 2}
     for f in files:
         meta = pq.ParquetFile(f).metadata
-        head = meta.schema.to_arrow_schema().get_field_index("head")
-        heads = []
+        names = meta.schema.to_arrow_schema().names
+        head, doc = names.index("head"), names.index("doc_id")
+        ranges: dict[int, list] = {}
         for i in range(meta.num_row_groups):
             stats = meta.row_group(i).column(head).statistics
-            assert stats.has_min_max and stats.min == stats.max, f"{f} row group {i} mixes heads"
-            heads.append(stats.min)
+            assert bands[stats.min] == bands[stats.max], f"{f} row group {i} mixes bands of heads"
+            d = meta.row_group(i).column(doc).statistics
+            ranges.setdefault(bands[stats.min], []).append((d.min, d.max))
             group = pq.ParquetFile(f).read_row_group(i).to_pydict()
-            order = list(zip(group["doc_id"], group["window_index"], group["query_pos"], group["key_pos"]))
+            order = list(zip(group["doc_id"], group["window_index"], group["head"], group["query_pos"],
+                             group["key_pos"]))
             assert order == sorted(order), f"{f} row group {i} is not sorted"
-        assert sorted(set(heads)) == [0, 1, 2, 3]
-        if flush_rows:
-            assert meta.num_row_groups > 4
+        assert sorted(ranges) == [0, 1, 2]
+        for band, spans in ranges.items():
+            spans.sort()
+            assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), f"{f} band {band}: {spans}"
 
 
 def test_weight_dtype(tmp_path, tiny_model_dir):

@@ -47,7 +47,9 @@ class TableSchema:
     columns: tuple[dict, ...]
     layer_folders: bool  # one folder per layer (layer-000, ...); `layer` is also a column
     sort_by: tuple[str, ...]  # order of rows inside a row group
-    row_group_by: tuple[str, ...]  # a row group never mixes values of these (cheap head filters)
+    # a row group never mixes values of these (cheap head filters); rows the model produced are
+    # grouped by bands of heads instead, each with a run of documents (store/runs.py)
+    row_group_by: tuple[str, ...]
 
     @property
     def column_names(self) -> list[str]:

@@ -13,10 +13,14 @@ strings are made once, after the sort. Columns that are the same on every row of
 (`recipe`, `recipe_params`, the site's `stack` and `attention`) are never buffered: they are added at write time from one cached
 array, as zero-copy slices.
 
-Rows reach the writer chunk by chunk in doc_id order (the step walks each shard sorted by
-doc_id); inside a flush they are sorted by head, then doc_id, and cut into row groups of at most
-16k rows, so each row group covers one head and a narrow doc_id range, and a filter on one
-document skips most of them too (measured by benchmarks/bench_storage.py).
+Rows given with `doc_index` (the model's outputs) are not written at flush: each flush is a
+sorted run spilled to disk, and `seal(upto)` (the step calls it once the documents before `upto`
+are complete; `finalize` seals the rest) merges the runs and writes row groups that each hold one
+band of heads (`runs.HEAD_BANDS` per layer) and a contiguous range of documents, sized by a model
+of what a one-document query reads (`runs.row_group_rows`). So both a filter on one (layer, head)
+and one on one document skip most of a file (measured by benchmarks/bench_storage.py). Rows given
+with `doc_id` strings (documents, tokens, words) arrive in doc_id order and are written at flush,
+sorted inside it, in row groups of at most 16k rows that never mix values of `row_group_by`.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import paths
+from . import paths, runs
 from .location import fsync_path
 from .schema import table_schema
 
@@ -94,8 +98,11 @@ class _TableWriter:
         self.part = 0
         self.writer: pq.ParquetWriter | None = None
         self.rel: Path | None = None
-        self.rows_in_file = 0
+        self.rows_in_file = self.groups_in_file = 0
         self.files: list[FileInfo] = []
+        self.spill: runs.SpillFile | None = None  # sorted runs of rows given with doc_index
+        self.spills = 0
+        self.row_bytes = 64  # bytes per buffered row (Arrow), updated at each flush
 
     @cached_property
     def schema(self) -> pa.Schema:  # the file's schema, without its metadata
@@ -131,22 +138,86 @@ class _TableWriter:
         self.buffered_rows += data.num_rows
         self.buffered_bytes += data.nbytes
 
+    @cached_property
+    def order(self) -> list[str]:
+        """The columns rows are sorted by, `doc_index` standing for doc_id."""
+        return ["doc_index" if c == "doc_id" else c for c in self.declared.sort_by]
+
     def flush(self) -> None:
         if not self.buffered_rows:
             return
         data = pa.concat_tables(self.buffer)
+        self.row_bytes = max(1, data.nbytes // max(data.num_rows, 1))
         self.buffer, self.buffered_rows, self.buffered_bytes = [], 0, 0
-        by_index = "doc_index" in data.column_names
-        keys = ["doc_index" if by_index and c == "doc_id" else c
-                for c in self.declared.row_group_by + self.declared.sort_by]
-        keys = [c for c in keys if c in data.column_names]
+        if "doc_index" in data.column_names:
+            self._spill_run(data)
+            return
+        keys = [c for c in self.declared.row_group_by + self.declared.sort_by if c in data.column_names]
         data = self._complete(data.take(pc.sort_indices(data, sort_keys=[(k, "ascending") for k in keys])))
         writer = self._open()
         for piece in self._row_groups(data):
             writer.write_table(piece, row_group_size=self.owner.row_group_rows)
-        self.rows_in_file += data.num_rows
+        self._written(data.num_rows)
+
+    def _written(self, rows: int, groups: int = 0) -> None:
+        self.rows_in_file += rows
+        self.groups_in_file += groups
         if self.owner.staging.joinpath(self.rel).stat().st_size >= self.owner.max_file_bytes:
             self.close()
+
+    # ---- rows given with doc_index: sorted runs on disk, merged into row groups at seal
+
+    def _new_spill(self) -> runs.SpillFile:
+        self.spills += 1
+        name = f"{self.table}-{self.site_folder or ''}-{self.layer}-{self.recipe}-{self.spills}.arrow"
+        return runs.SpillFile(self.owner.staging / "_runs" / name, self.spill_schema, self.owner.in_memory)
+
+    def _spill_run(self, data: pa.Table) -> None:
+        self.spill_schema = data.schema
+        if self.spill is None:
+            self.spill = self._new_spill()
+        self.spill.add_run(*runs.sort_run(data, runs.sort_keys(data, self.owner.heads), self.order))
+
+    def seal(self, upto: int) -> None:
+        """Write every spilled row of a document before `upto` (a doc_index) as row groups; the
+        rows of later documents stay spilled, as one sorted run."""
+        if self.buffer and "doc_index" in self.buffer[0].column_names:
+            self.flush()
+        if self.spill is None or not self.spill.segments:
+            return
+        old = self.spill
+        old.close_writer()
+        self.spill = None
+        budget = self.owner.buffer_bytes // 2
+        fan_in = max(4, budget // (runs.BATCH_ROWS * self.row_bytes))
+        segments = runs.bounded(old.segments, fan_in, self.owner.heads, self.order, self._new_spill)
+        sample = self._complete(runs.first_batch(segments))
+        meta = self.owner.schema(self.table, self.recipe).metadata
+        per_row, per_group, footer = runs.measure(sample, meta, self._parquet_options(self.schema))
+        bands = runs.band_rows(segments)
+        target = runs.row_group_rows(bands, per_row * sum(bands), per_group, footer + per_group * self.groups_in_file)
+        groups = runs.Grouper(target, self._group)
+        for table, keys in runs.merge(segments, self.owner.heads, self.order):
+            below = runs.key_doc(keys) < upto
+            if below.all():
+                groups.add(table, keys)
+                continue
+            if below.any():
+                groups.add(table.filter(pa.array(below)), keys[below])
+            if self.spill is None:  # the rows of documents not complete yet wait for the next seal
+                self.spill = self._new_spill()
+            self.spill.append(table.filter(pa.array(~below)), keys[~below])
+        groups.finish()
+        if self.spill is not None:
+            self.spill.end_stream()
+        for spill in {id(s.spill): s.spill for s in segments}.values():
+            spill.remove()
+
+    def _group(self, rows: pa.Table) -> None:
+        """One row group of sealed rows."""
+        data = self._complete(rows)
+        self._open().write_table(data, row_group_size=max(data.num_rows, 1))
+        self._written(data.num_rows, groups=1)
 
     def _complete(self, data: pa.Table) -> pa.Table:
         """Sorted buffered rows -> the file's columns: doc_id from doc_index, the constants, and
@@ -182,19 +253,30 @@ class _TableWriter:
             target = o.staging / self.rel
             target.parent.mkdir(parents=True, exist_ok=True)
             schema = o.schema(self.table, self.recipe)
-            encoding = {c: "DELTA_BINARY_PACKED" for c in DELTA_COLUMNS if c in schema.names}
-            if o.weight_dtype == "bfloat16":  # the zero low bytes of each value fall into streams of their own
-                encoding.update({c: "BYTE_STREAM_SPLIT" for c in self.declared.value_columns
-                                 if pa.types.is_float32(schema.field(c).type)})
-            self.writer = pq.ParquetWriter(
-                target, schema, compression="zstd", compression_level=ZSTD_LEVEL,
-                use_dictionary=[c for c in schema.names if c not in encoding],
-                column_encoding=encoding, write_statistics=True, store_schema=False,
-                write_page_checksum=True)  # CRC32 per page: readers that verify them catch bit flips
+            self.writer = pq.ParquetWriter(target, schema, **self._parquet_options(schema))
             # Without store_schema, pyarrow drops the schema's metadata: write it to the footer.
             self.writer.add_key_value_metadata(schema.metadata)
-            self.rows_in_file = 0
+            self.rows_in_file = self.groups_in_file = 0
         return self.writer
+
+    def _parquet_options(self, schema: pa.Schema) -> dict:
+        encoding = {c: "DELTA_BINARY_PACKED" for c in DELTA_COLUMNS if c in schema.names}
+        if self.owner.weight_dtype == "bfloat16":  # the zero low bytes of each value fall into streams of their own
+            encoding.update({c: "BYTE_STREAM_SPLIT" for c in self.declared.value_columns
+                             if pa.types.is_float32(schema.field(c).type)})
+        return dict(compression="zstd", compression_level=ZSTD_LEVEL,
+                    use_dictionary=[c for c in schema.names if c not in encoding],
+                    column_encoding=encoding, write_statistics=self._statistics(schema), store_schema=False,
+                    write_page_checksum=True)  # CRC32 per page: readers that verify them catch bit flips
+
+    def _statistics(self, schema: pa.Schema) -> bool | list[str]:
+        """Columns with min/max statistics. Files merged from runs keep them only where a row group
+        can be told from the others (doc_id, layer, head, the columns constant in the file):
+        positions, windows, steps and values span nearly their whole range in every row group,
+        and each statistic lengthens the footer every query reads."""
+        if not self.spills:
+            return True
+        return [c for c in schema.names if c in ("doc_id", "layer", "head") or c in self.constants]
 
     @property
     def site_folder(self) -> str | None:
@@ -212,6 +294,7 @@ class _TableWriter:
         self.files.append(FileInfo(str(self.rel), self.table, self.layer, self.recipe, self.rows_in_file,
                                    target.stat().st_size, sha256_of(target), self.site_folder))
         self.part += 1
+        self.groups_in_file = 0
 
 
 class ShardWriter:
@@ -222,8 +305,10 @@ class ShardWriter:
     def __init__(self, staging_root: Path, shard: int, attempt: str, provenance: dict, *,
                  weight_dtype: str = "bfloat16", buffer_bytes: int = 64 << 20,
                  flush_rows: int = 1 << 17, row_group_rows: int = 1 << 14,
-                 max_file_bytes: int = 256 << 20, site_folders: bool = False):
+                 max_file_bytes: int = 256 << 20, site_folders: bool = False, heads: int | None = None):
         self.shard, self.attempt = shard, attempt
+        self.heads = heads  # the model's heads per layer: row groups hold bands of them (store/runs.py)
+        self.in_memory = runs.Budget(buffer_bytes // 4)  # runs kept in memory before they go to disk
         # Encoder-decoder runs write three sites with the same layer numbers: a folder per site.
         self.site_folders = site_folders
         self.staging = paths.staging_dir(Path(staging_root), shard, attempt)
@@ -313,11 +398,18 @@ class ShardWriter:
             total -= w.buffered_bytes
             w.flush()
 
+    def seal(self, upto: int) -> None:
+        """Every document before doc_index `upto` is complete: write its rows as row groups."""
+        for w in list(self.writers.values()):
+            w.seal(upto)
+
     def finalize(self) -> list[FileInfo]:
         """Flush and close every file; they are complete and fsynced, still in staging."""
         for w in self.writers.values():
             w.flush()
+            w.seal(1 << 31)
             w.close()
+        shutil.rmtree(self.staging / "_runs", ignore_errors=True)
         self.files = sorted((f for w in self.writers.values() for f in w.files), key=lambda f: f.path)
         return self.files
 
