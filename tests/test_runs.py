@@ -142,11 +142,17 @@ def test_row_group_rows_keeps_a_small_footer_within_the_first_read():
     assert 3 * 3_600_000 // big > 3 * groups
 
 
-def test_seal_writes_the_complete_documents_and_keeps_the_rest(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["memory", "disk", "disk-compressed"])
+def test_seal_writes_the_complete_documents_and_keeps_the_rest(tmp_path, monkeypatch, where):
+    from attnpipe.store import writer as writer_module
+
     monkeypatch.setattr(runs, "BATCH_ROWS", 64)
+    if where == "disk-compressed":  # past the raw limit, a stretch's runs go to LZ4 files
+        monkeypatch.setattr(writer_module, "SPILL_RAW_BYTES", 4000)
     rng = np.random.default_rng(5)
     ids = [f"d{i:03d}" for i in range(50)]
-    with ShardWriter(tmp_path, 0, "a", {}, heads=HEADS, flush_rows=500) as w:
+    with ShardWriter(tmp_path, 0, "a", {}, heads=HEADS, flush_rows=500,
+                     buffer_bytes=4 << 20 if where == "memory" else 4) as w:
         w.doc_ids = ids
         w.recipes = {0: ("topk", '{"k":3,"per_head":true}')}
         written = []
@@ -154,8 +160,13 @@ def test_seal_writes_the_complete_documents_and_keeps_the_rest(tmp_path, monkeyp
             t = edge_rows(rng, np.sort(part))
             written.append(t)
             w.write_batch("edges", {c: t.column(c).to_numpy() for c in t.column_names}, layer=0, recipe=0)
+        table_writer = next(iter(w.writers.values()))
+        files = table_writer.spilled + [table_writer.spill]
+        assert [f.compress for f in files] == [False] + [True] * (len(files) - 1)
+        assert bool(table_writer.spilled) == (where == "disk-compressed")
+        assert (w.staging / "_runs").exists() == (where != "memory")
         w.seal(20)  # documents 0..19 are complete
-        sealed = next(iter(w.writers.values())).rows_in_file
+        sealed = table_writer.rows_in_file
         files = w.finalize()
         assert not (w.staging / "_runs").exists()
         got = pq.read_table(w.staging / files[0].path)

@@ -86,12 +86,15 @@ class Budget:
 
 @dataclass
 class SpillFile:
-    """Sorted runs, stored batch by batch in memory while the budget allows, else in an IPC file
-    (uncompressed: written and read back at memory speed), read back by batch index."""
+    """Sorted runs, stored batch by batch in memory while the budget allows, else in an IPC file,
+    read back by batch index. `compress`: LZ4 (about 5 bytes per per-head edge row against 24
+    raw, at about twice the time of raw)."""
 
     path: Path
     schema: pa.Schema
     budget: Budget | None = None
+    compress: bool = False
+    disk_bytes: int = 0  # Arrow bytes of the batches on disk
     segments: list[Segment] = field(default_factory=list)
     _memory: list | None = field(default_factory=list)  # the batches, until they go to disk
     _kept: int = 0
@@ -137,15 +140,20 @@ class SpillFile:
                 self._memory.append(batch)
                 return
             self._to_disk()
-        self._writer.write_batch(batch)
+        self._write(batch)
 
     def _to_disk(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._sink = pa.OSFile(str(self.path), "wb")
-        self._writer = ipc.new_file(self._sink, self.schema.append(pa.field(KEY, pa.int64())))
+        options = ipc.IpcWriteOptions(compression="lz4" if self.compress else None)
+        self._writer = ipc.new_file(self._sink, self.schema.append(pa.field(KEY, pa.int64())), options=options)
         for batch in self._memory:
-            self._writer.write_batch(batch)
+            self._write(batch)
         self._release()
+
+    def _write(self, batch: pa.RecordBatch) -> None:
+        self._writer.write_batch(batch)
+        self.disk_bytes += batch.nbytes
 
     def _release(self) -> None:
         if self.budget is not None:

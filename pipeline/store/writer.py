@@ -48,6 +48,9 @@ from .schema import table_schema
 DELTA_COLUMNS = ("char_start", "char_end")
 DEFAULT_SITE = ("encoder", "self")  # of layered rows written without a site
 ZSTD_LEVEL = 3
+# Runs of one stretch go to disk raw (fastest) up to this many bytes per table file, compressed
+# beyond: the temporary disk of one 1 MB document's per-head edges is ~0.9 GB instead of ~4.5 GB.
+SPILL_RAW_BYTES = 256 << 20
 
 
 def round_bfloat16(values: np.ndarray) -> np.ndarray:
@@ -101,6 +104,7 @@ class _TableWriter:
         self.rows_in_file = self.groups_in_file = 0
         self.files: list[FileInfo] = []
         self.spill: runs.SpillFile | None = None  # sorted runs of rows given with doc_index
+        self.spilled: list[runs.SpillFile] = []  # earlier files of the same stretch
         self.spills = 0
         self.row_bytes = 64  # bytes per buffered row (Arrow), updated at each flush
 
@@ -167,13 +171,18 @@ class _TableWriter:
 
     # ---- rows given with doc_index: sorted runs on disk, merged into row groups at seal
 
-    def _new_spill(self) -> runs.SpillFile:
+    def _new_spill(self, compress: bool = False) -> runs.SpillFile:
         self.spills += 1
         name = f"{self.table}-{self.site_folder or ''}-{self.layer}-{self.recipe}-{self.spills}.arrow"
-        return runs.SpillFile(self.owner.staging / "_runs" / name, self.spill_schema, self.owner.in_memory)
+        return runs.SpillFile(self.owner.staging / "_runs" / name, self.spill_schema, self.owner.in_memory, compress)
 
     def _spill_run(self, data: pa.Table) -> None:
         self.spill_schema = data.schema
+        if self.spill is not None and self.spill.disk_bytes >= SPILL_RAW_BYTES:
+            # a long stretch (one very long document, many long ones): the rest goes compressed
+            self.spill.close_writer()
+            self.spilled.append(self.spill)
+            self.spill = self._new_spill(compress=True)
         if self.spill is None:
             self.spill = self._new_spill()
         self.spill.add_run(*runs.sort_run(data, runs.sort_keys(data, self.owner.heads), self.order))
@@ -183,14 +192,16 @@ class _TableWriter:
         rows of later documents stay spilled, as one sorted run."""
         if self.buffer and "doc_index" in self.buffer[0].column_names:
             self.flush()
-        if self.spill is None or not self.spill.segments:
+        spills = self.spilled + ([self.spill] if self.spill is not None else [])
+        self.spill, self.spilled = None, []
+        segments = [seg for spill in spills for seg in spill.segments]
+        if not segments:
             return
-        old = self.spill
-        old.close_writer()
-        self.spill = None
+        for spill in spills:
+            spill.close_writer()
         budget = self.owner.buffer_bytes // 2
         fan_in = max(4, budget // (runs.BATCH_ROWS * self.row_bytes))
-        segments = runs.bounded(old.segments, fan_in, self.owner.heads, self.order, self._new_spill)
+        segments = runs.bounded(segments, fan_in, self.owner.heads, self.order, self._new_spill)
         sample = self._complete(runs.first_batch(segments))
         meta = self.owner.schema(self.table, self.recipe).metadata
         per_row, per_group, footer = runs.measure(sample, meta, self._parquet_options(self.schema))
@@ -210,7 +221,7 @@ class _TableWriter:
         groups.finish()
         if self.spill is not None:
             self.spill.end_stream()
-        for spill in {id(s.spill): s.spill for s in segments}.values():
+        for spill in {id(s): s for s in spills + [seg.spill for seg in segments]}.values():
             spill.remove()
 
     def _group(self, rows: pa.Table) -> None:
