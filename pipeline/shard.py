@@ -83,10 +83,12 @@ def doc_chunks(docs: ShardDocs) -> Iterator[slice]:
 class WindowPool:
     """Windows waiting for the model, across chunk boundaries.
 
-    Each chunk's windows join the pool; once it holds a few batches' worth, it is cut into
-    length-sorted batches and all but the last go to the model. The last (the shortest windows,
-    often a partial batch) waits for the next chunk's windows, so that chunk boundaries do not
-    cost padded tokens or part-filled batches. Holds at most a chunk's windows plus one batch.
+    Each chunk's windows join the pool; once it holds a few batches' worth, the windows of its
+    last documents (about one batch of tokens) wait for the next chunk's windows, so that chunk
+    boundaries cost few part-filled batches, and the rest is cut into length-sorted batches for
+    the model. Holding the *last* documents (not, say, the shortest windows) leaves every earlier
+    document complete, so the writer can seal them (store/runs.py) while the next chunk runs.
+    Holds at most a chunk's windows plus one batch (or one long document).
     """
 
     def __init__(self, batch_tokens: int):
@@ -102,9 +104,22 @@ class WindowPool:
         """The batches ready for the model (every one when `final`)."""
         if not self.waiting or (not final and self.tokens < UNIT_BATCHES * self.batch_tokens):
             return []
+        held: list[tuple[int, Window]] = []
+        if not final:
+            last, tokens = max(doc for doc, _ in self.waiting), 0
+            per_doc: dict[int, int] = {}
+            for doc, w in self.waiting:
+                per_doc[doc] = per_doc.get(doc, 0) + len(w)
+            for doc in sorted(per_doc, reverse=True):  # whole documents, from the last
+                tokens += per_doc[doc]
+                last = doc
+                if tokens >= self.batch_tokens:
+                    break
+            held = [(doc, w) for doc, w in self.waiting if doc >= last]
+            self.waiting = [(doc, w) for doc, w in self.waiting if doc < last]
         batches = [[self.waiting[i] for i in b]
                    for b in make_batches([w for _, w in self.waiting], self.batch_tokens)]
-        self.waiting = [] if final else batches.pop()
+        self.waiting = held
         self.tokens = sum(len(w) for _, w in self.waiting)
         return batches
 

@@ -54,7 +54,10 @@ def test_window_pool_sends_each_window_once_in_full_batches():
     first = 0
     for chunk in chunks:
         pool.add(first, chunk)
-        batches += pool.batches()
+        ready = pool.batches()
+        if ready and pool.waiting:  # the waiting windows are the last documents': all before are done
+            assert min(d for d, _ in pool.waiting) > max(d for b in ready for d, _ in b)
+        batches += ready
         assert pool.tokens <= 64 * shard_module.UNIT_BATCHES + sum(len(w) for w in chunk)
         first += len(chunk)
     batches += pool.batches(final=True)

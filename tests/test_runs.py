@@ -166,6 +166,7 @@ def test_seal_writes_the_complete_documents_and_keeps_the_rest(tmp_path, monkeyp
         assert bool(table_writer.spilled) == (where == "disk-compressed")
         assert (w.staging / "_runs").exists() == (where != "memory")
         w.seal(20)  # documents 0..19 are complete
+        w.wait_sealed()
         sealed = table_writer.rows_in_file
         files = w.finalize()
         assert not (w.staging / "_runs").exists()

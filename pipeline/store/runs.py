@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ BATCH_ROWS = 1 << 13  # rows per IPC batch: the unit of reading, so the memory p
 _BAND_SHIFT, _DOC_SHIFT = 56, 24  # key = band << 56 | doc_index << 24 | window_index
 _INF = np.iinfo(np.int64).max
 HEAD_BANDS = 3  # heads of a layer fall into this many bands; a row group never mixes bands
+FOOTER_SHARE = 0.05  # of a stretch's data bytes, at most, in row-group metadata
 TAIL_READ = 64 << 10  # pyarrow's first read of a file's end; a longer footer costs a second read
 KEY = "__key"  # the spilled batches' column of merge keys
 
@@ -76,12 +78,24 @@ class Segment:
     rows: int
 
 
-@dataclass
 class Budget:
-    """Bytes of runs that may stay in memory, shared by one shard's writers: small outputs never
-    touch the disk; past the budget, runs go to IPC files."""
+    """Bytes of runs that may stay in memory, shared by one shard's writers (and seal threads):
+    small outputs never touch the disk; past the budget, runs go to IPC files."""
 
-    free: int
+    def __init__(self, free: int):
+        self.free = free
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self.free < n:
+                return False
+            self.free -= n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.free += n
 
 
 @dataclass
@@ -134,8 +148,7 @@ class SpillFile:
 
     def _store(self, batch: pa.RecordBatch) -> None:
         if self._memory is not None:
-            if self.budget is not None and self.budget.free >= batch.nbytes:
-                self.budget.free -= batch.nbytes
+            if self.budget is not None and self.budget.take(batch.nbytes):
                 self._kept += batch.nbytes
                 self._memory.append(batch)
                 return
@@ -157,7 +170,7 @@ class SpillFile:
 
     def _release(self) -> None:
         if self.budget is not None:
-            self.budget.free += self._kept
+            self.budget.give(self._kept)
         self._kept, self._memory = 0, None
 
     def batch(self, i: int) -> pa.RecordBatch:
@@ -222,13 +235,20 @@ class _Cursor:
 
 def merge(segments: list[Segment], heads: int | None, order: list[str]):
     """Sorted pieces (table, keys) of all rows of `segments`, ascending by key, then by the
-    columns `order` inside one key. Opens a segment only when the merge reaches its first key."""
+    columns `order` inside one key. Opens a segment only when the merge reaches its first key.
+    Each step emits the rows below the median of the open segments' loaded ends (the segments
+    behind it load one batch more), so a step emits about half a batch per open segment rather
+    than one batch in all: the per-step cost is per segment. Memory: about two batches each."""
     pending = deque(sorted(segments, key=lambda s: s.first))
     active: list[_Cursor] = []
     while active or pending:
         if not active:
             active.append(_Cursor(pending.popleft(), heads))
-        bound = min([c.bound for c in active] + ([pending[0].first] if pending else []))
+        ends = sorted(c.bound for c in active if c.bound < _INF) or [_INF]
+        bound = min([ends[len(ends) // 2]] + ([pending[0].first] if pending else []))
+        for c in active:
+            while c.bound < bound:
+                c.load()
         pieces = [p for c in active if (p := c.take_below(bound)) is not None]
         if pieces:
             yield _ordered(pieces, order)
@@ -301,7 +321,8 @@ def row_group_rows(band_rows: list[int], est_bytes: float, per_group: int, foote
     """Rows per row group for one stretch of a file, chosen to minimise the bytes a one-document
     query reads by pyarrow's access pattern: the file's last 64 KiB (the footer with it, or read
     again whole when longer), then one row group per band. More row groups make each smaller but
-    the footer longer by `per_group` bytes each."""
+    the footer longer by `per_group` bytes each; the footers stay within `FOOTER_SHARE` of the
+    data, so a small file is not mostly footer."""
     bands = max(len(band_rows), 1)
     band_bytes = est_bytes / bands
 
@@ -309,7 +330,7 @@ def row_group_rows(band_rows: list[int], est_bytes: float, per_group: int, foote
         footer = footer_so_far + per_group * n * bands
         return TAIL_READ + (footer if footer + 8 > TAIL_READ else 0) + bands * band_bytes / n
 
-    most = max(1, min(4096, max(band_rows) // 1024))
+    most = max(1, min(4096, max(band_rows) // 1024, int(FOOTER_SHARE * est_bytes / (bands * per_group))))
     n = min(range(1, most + 1), key=cost)
     return max(1024, math.ceil(max(band_rows) / n))
 
@@ -385,6 +406,7 @@ class Grouper:
         self.target, self.write = target, write
         self.tables: list[pa.Table] = []
         self.keys: list[np.ndarray] = []
+        self.rows = 0
         self.band = None
 
     def add(self, table: pa.Table, keys: np.ndarray) -> None:
@@ -396,7 +418,9 @@ class Grouper:
                 self.band = band[a]
             self.tables.append(table.slice(a, b - a))
             self.keys.append(keys[a:b])
-            self._emit(final=False)
+            self.rows += b - a
+            if self.rows >= 3 * self.target:  # enough for a settled group besides the last one
+                self._emit(final=False)
 
     def finish(self) -> None:
         self._emit(final=True)
@@ -415,3 +439,4 @@ class Grouper:
             self.write(table.slice(start, end - start))
             start = end
         self.tables, self.keys = ([table.slice(start)], [keys[start:]]) if start < len(keys) else ([], [])
+        self.rows = len(keys) - start

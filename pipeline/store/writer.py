@@ -26,8 +26,11 @@ sorted inside it, in row groups of at most 16k rows that never mix values of `ro
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, asdict
 from functools import cached_property
 from pathlib import Path
@@ -172,7 +175,7 @@ class _TableWriter:
     # ---- rows given with doc_index: sorted runs on disk, merged into row groups at seal
 
     def _new_spill(self, compress: bool = False) -> runs.SpillFile:
-        self.spills += 1
+        self.spills = next(self.owner.spill_numbers)  # seal threads make spills too
         name = f"{self.table}-{self.site_folder or ''}-{self.layer}-{self.recipe}-{self.spills}.arrow"
         return runs.SpillFile(self.owner.staging / "_runs" / name, self.spill_schema, self.owner.in_memory, compress)
 
@@ -187,27 +190,34 @@ class _TableWriter:
             self.spill = self._new_spill()
         self.spill.add_run(*runs.sort_run(data, runs.sort_keys(data, self.owner.heads), self.order))
 
-    def seal(self, upto: int) -> None:
-        """Write every spilled row of a document before `upto` (a doc_index) as row groups; the
-        rows of later documents stay spilled, as one sorted run."""
+    def start_seal(self, upto: int):
+        """Detach the runs spilled so far (later flushes start new ones) and return the work that
+        writes every row of a document before `upto` (a doc_index) as row groups, for another
+        thread; None when there is nothing to seal."""
         if self.buffer and "doc_index" in self.buffer[0].column_names:
             self.flush()
         spills = self.spilled + ([self.spill] if self.spill is not None else [])
         self.spill, self.spilled = None, []
-        segments = [seg for spill in spills for seg in spill.segments]
-        if not segments:
-            return
+        if not any(spill.segments for spill in spills):
+            return None
+        return lambda: self._seal(spills, upto)
+
+    def _seal(self, spills: list[runs.SpillFile], upto: int) -> None:
+        """Merge `spills` into row groups; the rows of documents not complete yet go back, as one
+        sorted run, to be sealed next time."""
         for spill in spills:
             spill.close_writer()
-        budget = self.owner.buffer_bytes // 2
-        fan_in = max(4, budget // (runs.BATCH_ROWS * self.row_bytes))
-        segments = runs.bounded(segments, fan_in, self.owner.heads, self.order, self._new_spill)
+        budget = self.owner.buffer_bytes // 4
+        fan_in = max(4, budget // (2 * runs.BATCH_ROWS * self.row_bytes))  # two batches per open run
+        segments = runs.bounded([seg for spill in spills for seg in spill.segments], fan_in, self.owner.heads,
+                                self.order, self._new_spill)
         sample = self._complete(runs.first_batch(segments))
         meta = self.owner.schema(self.table, self.recipe).metadata
         per_row, per_group, footer = runs.measure(sample, meta, self._parquet_options(self.schema))
         bands = runs.band_rows(segments)
         target = runs.row_group_rows(bands, per_row * sum(bands), per_group, footer + per_group * self.groups_in_file)
         groups = runs.Grouper(target, self._group)
+        carry = None
         for table, keys in runs.merge(segments, self.owner.heads, self.order):
             below = runs.key_doc(keys) < upto
             if below.all():
@@ -215,12 +225,12 @@ class _TableWriter:
                 continue
             if below.any():
                 groups.add(table.filter(pa.array(below)), keys[below])
-            if self.spill is None:  # the rows of documents not complete yet wait for the next seal
-                self.spill = self._new_spill()
-            self.spill.append(table.filter(pa.array(~below)), keys[~below])
+            carry = carry or self._new_spill()
+            carry.append(table.filter(pa.array(~below)), keys[~below])
         groups.finish()
-        if self.spill is not None:
-            self.spill.end_stream()
+        if carry is not None:
+            carry.close_writer()
+            self.spilled.append(carry)
         for spill in {id(s): s for s in spills + [seg.spill for seg in segments]}.values():
             spill.remove()
 
@@ -319,7 +329,13 @@ class ShardWriter:
                  max_file_bytes: int = 256 << 20, site_folders: bool = False, heads: int | None = None):
         self.shard, self.attempt = shard, attempt
         self.heads = heads  # the model's heads per layer: row groups hold bands of them (store/runs.py)
-        self.in_memory = runs.Budget(buffer_bytes // 4)  # runs kept in memory before they go to disk
+        self.in_memory = runs.Budget(buffer_bytes // 16)  # runs kept in memory before they go to disk
+        self.spill_numbers = itertools.count(1)
+        # Seals run beside the model on one thread (pyarrow's encoding releases the GIL): the
+        # step never waits for a stretch's Parquet. Two threads were measured slower on 2 cores
+        # (more CPU in all: torch's threads, the writer's and two sealers contend) and took more memory.
+        self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnpipe-seal")
+        self._sealing: list[Future] = []
         # Encoder-decoder runs write three sites with the same layer numbers: a folder per site.
         self.site_folders = site_folders
         self.staging = paths.staging_dir(Path(staging_root), shard, attempt)
@@ -338,6 +354,7 @@ class ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        self._sealer.shutdown(wait=True, cancel_futures=True)
         for w in self.writers.values():
             if w.writer is not None:
                 try:
@@ -401,24 +418,37 @@ class ShardWriter:
         self._bound_memory()
 
     def _bound_memory(self) -> None:
-        """Flush the largest buffers until all of them together fit `buffer_bytes`."""
+        """Flush the largest buffers until all of them together fit half of `buffer_bytes` (the
+        rest is the seal's: a quarter for its merge, a sixteenth for runs kept in memory)."""
         total = sum(w.buffered_bytes for w in self.writers.values())
         for w in sorted(self.writers.values(), key=lambda w: -w.buffered_bytes):
-            if total <= self.buffer_bytes:
+            if total <= self.buffer_bytes // 2:
                 break
             total -= w.buffered_bytes
             w.flush()
 
     def seal(self, upto: int) -> None:
-        """Every document before doc_index `upto` is complete: write its rows as row groups."""
+        """Every document before doc_index `upto` is complete: its rows become row groups, on the
+        seal threads, once the previous seal is done."""
+        self.wait_sealed()
         for w in list(self.writers.values()):
-            w.seal(upto)
+            if (work := w.start_seal(upto)) is not None:
+                self._sealing.append(self._sealer.submit(work))
+
+    def wait_sealed(self) -> None:
+        """Wait for the seal under way; its error, if any, is raised here."""
+        sealing, self._sealing = self._sealing, []
+        for future in sealing:
+            future.result()
 
     def finalize(self) -> list[FileInfo]:
         """Flush and close every file; they are complete and fsynced, still in staging."""
         for w in self.writers.values():
             w.flush()
-            w.seal(1 << 31)
+        self.seal(1 << 31)
+        self.wait_sealed()
+        self._sealer.shutdown()
+        for w in self.writers.values():
             w.close()
         shutil.rmtree(self.staging / "_runs", ignore_errors=True)
         self.files = sorted((f for w in self.writers.values() for f in w.files), key=lambda f: f.path)
