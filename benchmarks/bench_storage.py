@@ -287,23 +287,32 @@ def bench_writer(work: Path, total_rows: int) -> dict:
     rows = sum(len(c["head"]) for _, c in batches)
     arrow_bytes = sum(pa.table(c).nbytes for _, c in batches)
     out = work / "out-writer"
+    names = sorted({d for _, c in batches for d in c["doc_id"].unique().to_pylist()})
+    position = {d: i for i, d in enumerate(names)}
+    by_index = [(layer, {**{k: v for k, v in c.items() if k != "doc_id"},  # as the model's rows come
+                         "doc_index": np.array([position[d] for d in c["doc_id"].to_pylist()], np.int32)})
+                for layer, c in batches]
     res = {}
-    for dtype in ("bfloat16", "float16"):
+    # doc_id strings: written at each flush; doc_index (the model's rows): sorted runs merged into
+    # bands of heads and runs of documents at the end (store/runs.py)
+    for dtype, indexed in (("bfloat16", False), ("float16", False), ("bfloat16", True)):
+        label = dtype + (" doc_index" if indexed else "")
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
         t = time.perf_counter()
-        with ShardWriter(out, 0, "00000000", {"bench": True}, weight_dtype=dtype) as writer:
+        with ShardWriter(out, 0, "00000000", {"bench": True}, weight_dtype=dtype, heads=heads) as writer:
             writer.recipes = {0: ("topk", '{"k":8,"per_head":true}')}
-            for layer, cols in batches:
+            writer.doc_ids = names
+            for layer, cols in (by_index if indexed else batches):
                 writer.write_batch("edges", cols, layer=layer, recipe=0)
             files = writer.finalize()
             seconds = time.perf_counter() - t
         written = sum(f.bytes for f in files)
-        res[dtype] = {"rows": rows, "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds),
+        res[label] = {"rows": rows, "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds),
                       "arrow_mb_per_s": round(arrow_bytes / seconds / 1e6, 1),
                       "written_mb_per_s": round(written / seconds / 1e6, 2),
                       "bytes_per_row": round(written / rows, 3)}
-        print(f"  {dtype:<9} {rows:,} rows in {seconds:5.1f} s: {rows / seconds:>11,.0f} rows/s  "
+        print(f"  {label:<18} {rows:,} rows in {seconds:5.1f} s: {rows / seconds:>11,.0f} rows/s  "
               f"{arrow_bytes / seconds / 1e6:6.1f} MB/s in (Arrow)  {written / seconds / 1e6:5.2f} MB/s out  "
               f"{written / rows:.2f} B/row")
     shutil.rmtree(out, ignore_errors=True)
@@ -470,6 +479,9 @@ def main() -> None:
         r = results["writer"]["bfloat16"]
         rows.append(("writer alone (bfloat16)", f"{r['rows_per_s'] / 1e6:.2f}M rows/s, {r['arrow_mb_per_s']:.0f} MB/s in",
                      "(figure)", None))
+        m = results["writer"]["bfloat16 doc_index"]
+        rows.append(("  same, doc_index, merged runs", f"{m['rows_per_s'] / 1e6:.2f}M rows/s "
+                     f"({m['rows_per_s'] / r['rows_per_s']:.2f}x), {m['bytes_per_row']:.2f} B/row", "(figure)", None))
     if "bytes" in results:
         for dtype, r in results["bytes"].items():
             ok = r["bytes_per_token"] <= 250 if dtype == "bfloat16" else None

@@ -4,15 +4,16 @@ A one-document query reads every row group whose statistics admit the document, 
 layout puts each document's rows in as few row groups as possible. The model's batches do not
 arrive that way: windows are pooled and sorted by length before batching, so one writer flush
 holds documents from all over a chunk of the corpus. The writer therefore keeps each flush as a
-sorted *run* in an Arrow IPC file (zstd, next to the staging files, never committed) and, when
-the documents of a stretch are complete (`ShardWriter.seal`), merges the runs and writes row
-groups that each cover one band of heads and a narrow, contiguous range of documents.
+sorted *run* (in memory within a small budget, else in an Arrow IPC file in the staging folder,
+never committed) and, when the documents of a stretch are complete (`ShardWriter.seal`), merges
+the runs and writes row groups that each cover one band of heads and a narrow, contiguous range
+of documents.
 
 Rows are ordered by an int64 key, (head band, doc_index, window_index) packed into one integer,
 so the merge compares numbers. A run is stored as segments, one per band, so segments of
 different bands never overlap and only the runs that overlap in key range are open at once; when
 more overlap than the memory budget allows, groups of them are merged into longer runs first.
-Memory: one IPC batch (`BATCH_ROWS` rows) per open run, whatever the size of the data.
+Memory: about two IPC batches (`BATCH_ROWS` rows) per open run, whatever the size of the data.
 """
 
 from __future__ import annotations
