@@ -1,11 +1,10 @@
 """The streaming shard writer: rows go to Parquet as they are produced.
 
 One open `pq.ParquetWriter` per (table, site, layer, recipe) in the attempt's staging folder, opened
-when its first rows arrive. Rows wait in a small buffer; a full buffer is sorted and written as
-row groups, one per `head` (so a filter on one head skips the others' row groups by their
-statistics), and a file is closed and a new part begun once it passes `max_file_bytes` (a closed
-file is always readable). Peak memory is the batch plus `buffer_bytes`, whatever the size of
-the shard or of one document.
+when its first rows arrive. Rows wait in a small buffer; a full buffer is sorted, then written (or
+kept as a sorted run, below), and a file is closed and a new part begun once it passes
+`max_file_bytes` (a closed file is always readable). Peak memory is the batch plus
+`buffer_bytes`, whatever the size of the shard or of one document.
 
 Two things keep the sort cheap. A producer may hand `doc_index` (int32, positions in the shard's
 sorted `doc_ids`) in place of the `doc_id` strings: rows are sorted on the integers and the
