@@ -444,6 +444,11 @@ class ShardWriter:
         """Flush and close every file; they are complete and fsynced, still in staging."""
         for w in self.writers.values():
             w.flush()
+        self.wait_sealed()
+        # The last stretch: the model is done, so its tables are sealed on as many threads as
+        # there are cores (up to 4); its encoding can no longer overlap the model.
+        self._sealer.shutdown()
+        self._sealer = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="attnpipe-seal")
         self.seal(1 << 31)
         self.wait_sealed()
         self._sealer.shutdown()
