@@ -200,8 +200,8 @@ class SpillFile:
 class _Cursor:
     """The loaded, not yet emitted rows of one segment."""
 
-    def __init__(self, seg: Segment, heads: int | None):
-        self.seg, self.heads = seg, heads
+    def __init__(self, seg: Segment):
+        self.seg = seg
         self.todo = deque(seg.batches)
         self.tables: list[pa.Table] = []
         self.keys = np.empty(0, np.int64)
@@ -244,7 +244,7 @@ def merge(segments: list[Segment], heads: int | None, order: list[str]):
     active: list[_Cursor] = []
     while active or pending:
         if not active:
-            active.append(_Cursor(pending.popleft(), heads))
+            active.append(_Cursor(pending.popleft()))
         ends = sorted(c.bound for c in active if c.bound < _INF) or [_INF]
         bound = min([ends[len(ends) // 2]] + ([pending[0].first] if pending else []))
         for c in active:
@@ -258,7 +258,7 @@ def merge(segments: list[Segment], heads: int | None, order: list[str]):
                 if c.bound == bound and c.todo:
                     c.load()
             while pending and pending[0].first <= bound:
-                active.append(_Cursor(pending.popleft(), heads))
+                active.append(_Cursor(pending.popleft()))
         active = [c for c in active if not c.done]
 
 

@@ -107,7 +107,7 @@ class _TableWriter:
         self.files: list[FileInfo] = []
         self.spill: runs.SpillFile | None = None  # sorted runs of rows given with doc_index
         self.spilled: list[runs.SpillFile] = []  # earlier files of the same stretch
-        self.spills = 0
+        self.merged = False  # rows went through sorted runs: the file is written by seals
         self.row_bytes = 64  # bytes per buffered row (Arrow), updated at each flush
 
     @cached_property
@@ -174,8 +174,9 @@ class _TableWriter:
     # ---- rows given with doc_index: sorted runs on disk, merged into row groups at seal
 
     def _new_spill(self, compress: bool = False) -> runs.SpillFile:
-        self.spills = next(self.owner.spill_numbers)  # seal threads make spills too
-        name = f"{self.table}-{self.site_folder or ''}-{self.layer}-{self.recipe}-{self.spills}.arrow"
+        self.merged = True
+        number = next(self.owner.spill_numbers)  # seal threads make spills too: one shared counter
+        name = f"{self.table}-{self.site_folder or ''}-{self.layer}-{self.recipe}-{number}.arrow"
         return runs.SpillFile(self.owner.staging / "_runs" / name, self.spill_schema, self.owner.in_memory, compress)
 
     def _spill_run(self, data: pa.Table) -> None:
@@ -294,7 +295,7 @@ class _TableWriter:
         can be told from the others (doc_id, layer, head, the columns constant in the file):
         positions, windows, steps and values span nearly their whole range in every row group,
         and each statistic lengthens the footer every query reads."""
-        if not self.spills:
+        if not self.merged:
             return True
         return [c for c in schema.names if c in ("doc_id", "layer", "head") or c in self.constants]
 
