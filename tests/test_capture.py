@@ -60,10 +60,11 @@ def test_sdpa_backend_output_and_probs_equal_eager(arch, tokenizer):
 
     lm, reference = loaded(arch, tokenizer)
     _, ids, mask = _batch(tokenizer)
-    captured, sites = {}, []
+    captured, sites, padding = {}, [], []
 
     def sink(inputs):
         sites.append(inputs.site)
+        padding.append(None if inputs._padding is None else inputs._padding[1])
         assert inputs.given is None, "sdpa computes no probabilities by itself"
         captured[inputs.site.layer] = inputs.probs.clone()
 
@@ -82,3 +83,51 @@ def test_sdpa_backend_output_and_probs_equal_eager(arch, tokenizer):
     assert [s.layer for s in sites] == list(range(lm.num_layers))
     assert {s.kind for s in sites} == {"self"}
     assert {s.stack for s in sites} == {"decoder" if arch in ("gpt2", "llama") else "encoder"}
+    # The padded batch's mask went into the product as one more dimension (scores_rows), with
+    # the future masked on causal models.
+    assert set(padding) == {arch in ("gpt2", "llama")}
+
+
+def test_masks_the_product_takes_and_the_ones_it_leaves():
+    """LayerInputs.scores_rows folds a boolean mask into the product only when it is key padding
+    (and causality); any other mask (a sliding window, padded queries, a float mask) is applied
+    as it is. Every form gives softmax(q k^T * scaling + mask) and its entropies, also on a
+    block of rows (float32 against float64, 1e-6), with grouped-query heads, on short and long rows."""
+    torch.manual_seed(0)
+    for size in (9, 60):  # the two ways to the entropy (short rows, long rows)
+        _check_masks(size)
+
+
+def _check_masks(size: int) -> None:
+    from attnpipe.capture import LayerInputs
+    from attnpipe.capture.sites import SiteKey
+
+    batch, heads, kv, dim = 3, 4, 2, 8
+    query, key = torch.randn(batch, heads, size, dim) * 2, torch.randn(batch, kv, size, dim)
+    lengths = torch.tensor([size, size // 2, 2])
+    seen = torch.arange(size)[None, :] < lengths[:, None]  # (batch, key)
+    causal = torch.ones(size, size, dtype=torch.bool).tril()
+    window = causal & ~torch.ones(size, size, dtype=torch.bool).tril(-3)  # the last 3 keys only
+    cases = {  # name -> (mask (batch, 1, q, k), folded into the product, causal)
+        "padding": (seen[:, None, None, :].expand(batch, 1, size, size), True, False),
+        "padding, materialised": (seen[:, None, None, :].expand(batch, 1, size, size).clone(), True, False),
+        "padding and causal": ((seen[:, None, :] & causal)[:, None], True, True),
+        "sliding window": ((seen[:, None, :] & window)[:, None], False, None),
+        "padded queries too": ((seen[:, None, :] & seen[:, :, None])[:, None] | ~seen[:, None, :, None], False, None),
+    }
+    for name, (mask, folded, is_causal) in cases.items():
+        inputs = LayerInputs(SiteKey("decoder", 0), query, key, 0.35, mask, None, heads // kv, bool(is_causal), None)
+        assert (inputs._padding is not None) == folded, name
+        if folded:
+            assert inputs._padding[1] == is_causal, name
+        keys = key.repeat_interleave(heads // kv, dim=1)
+        low = torch.finfo(torch.float32).min
+        want = torch.softmax((query.double() @ keys.double().transpose(-1, -2) * 0.35).masked_fill(~mask, low), -1)
+        got, entropy = inputs.probs_entropy_rows(0, batch)
+        torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=0, msg=name)
+        want_entropy = -torch.special.xlogy(want, want).sum(-1)  # float64 throughout
+        torch.testing.assert_close(entropy.double(), want_entropy, atol=1e-6, rtol=0, msg=name)
+        block = inputs.probs_rows(1, 3, 4, 7, 7 if is_causal else None)
+        torch.testing.assert_close(block, torch.softmax(
+            (query[1:3, :, 4:7] @ keys[1:3, :, :block.shape[-1]].transpose(-1, -2) * 0.35).masked_fill(
+                ~mask[1:3, :, 4:7, :block.shape[-1]], low), -1), atol=1e-6, rtol=0, msg=name)

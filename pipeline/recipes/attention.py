@@ -143,16 +143,17 @@ class LayerAttention:
         lo, hi = self.rows or (0, self.inputs.query.shape[0])
         return lo, hi, m.offset, m.offset + m.size, m.key_side.size
 
-    def take_log_probs(self) -> torch.Tensor:
-        """log(clean), a tensor the caller owns (it may write into it): finite everywhere (about
-        -87 or less where a weight is 0, so 0 * log stays 0). Computed with the probabilities
-        from the scores (capture.LayerInputs.log_probs_rows) when they are not formed yet, which spares a
-        log of every weight; else the log of the probabilities clamped at the smallest normal float."""
+    def entropy(self) -> torch.Tensor:
+        """(batch, head, query_pos) each query's entropy in nats over `clean`. Computed with the
+        probabilities from the scores (capture.LayerInputs.probs_entropy_rows) when they are not
+        formed yet, which needs no log of any weight; else -sum p log p with the log clamped at
+        the smallest normal float (exact zeros, padding and the future, give 0 * -87.3)."""
         if (self._probs is None and self.inputs is not None and self.inputs.given is None
                 and "probs" not in self.__dict__):
-            self.__dict__["probs"], log_probs = self.inputs.log_probs_rows(*self._span)
-            return log_probs
-        return torch.clamp_min(self.clean, torch.finfo(torch.float32).tiny).log_()
+            self.__dict__["probs"], entropy = self.inputs.probs_entropy_rows(*self._span)
+            return entropy
+        p = self.clean
+        return -torch.clamp_min(p, torch.finfo(torch.float32).tiny).log_().mul_(p).sum(-1)
 
     @cached_property
     def clean(self) -> torch.Tensor:

@@ -34,20 +34,18 @@ def head_stats(att: LayerAttention) -> dict[str, torch.Tensor]:
     """
     m = att.masks
     # Each statistic is one pass over P (the callers hand a CPU a few windows at a time, so P is
-    # in cache for all of them): sum P log P with log P from the scores (LayerInputs.log_probs_rows) or a
-    # vectorised log clamped at the smallest normal float (exact zeros, padding and the future,
-    # give 0 * -87.3; weights under 1e-38 add under 1e-36), 5x faster than xlogy; distance as one
-    # product; the fixed key sets as one matmul; self, previous and next off three diagonals.
-    scratch = att.take_log_probs()
+    # in cache for all of them): the entropy with the probabilities (LayerAttention.entropy);
+    # distance as one product; the fixed key sets as one matmul; self, previous and next off
+    # three diagonals.
+    entropy = att.entropy()  # (batch, head, query_pos)
     p = att.clean  # (batch, head, query_pos, key_pos), zero on padded and future keys
     batch, heads, size, _ = p.shape
-    entropy = -scratch.mul_(p).sum(-1)  # (batch, head, query_pos)
     keys = m.key_side
     first = torch.zeros_like(keys.sep)
     first[:, 0] = True
     key_sets = torch.stack([first, keys.sep, keys.special, keys.punct], dim=-1).to(p.dtype)  # (batch, key_pos, 4)
     fixed = p @ key_sets[:, None]  # (batch, head, query_pos, 4)
-    relative = None if m.cross else _relative(p, m, scratch)  # (batch, head, query_pos, 4)
+    relative = None if m.cross else _relative(p, m)  # (batch, head, query_pos, 4)
     n_keys = _keys_seen(m).to(p.dtype)[:, None, :]  # (batch, 1, query_pos)
     log_n = torch.where(n_keys > 1, n_keys.clamp_min(2).log(), torch.full_like(n_keys, math.inf))
     # Means over the real queries as products with their weights (batch, query_pos): no pass over
@@ -70,10 +68,10 @@ def head_stats(att: LayerAttention) -> dict[str, torch.Tensor]:
     return cols
 
 
-def _relative(p: torch.Tensor, m, scratch: torch.Tensor) -> torch.Tensor:
+def _relative(p: torch.Tensor, m) -> torch.Tensor:
     """(batch, head, query_pos, 4): distance, self, previous and next mass per query (self-attention)."""
     queries, keys = m.positions.to(p.dtype), m.key_positions.to(p.dtype)
-    distance = torch.mul(p, (queries[:, None] - keys[None, :]).abs_(), out=scratch).sum(-1)
+    distance = torch.mul(p, (queries[:, None] - keys[None, :]).abs_()).sum(-1)
     return torch.stack([distance, _key_at(p, m.offset), _key_at(p, m.offset - 1), _key_at(p, m.offset + 1)], dim=-1)
 
 
