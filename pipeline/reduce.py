@@ -266,7 +266,10 @@ def reduce_batch_async(lm: LoadedModel, windows: list[Window], recipes: list[dic
         for i, cols in reduce_layer(lm, site, inputs, sliced[id(site_masks)], slices, recipes, carries):
             pending.append((i, site, {k: _to_host(v) for k, v in cols.items()}))
 
-    with capture_layers(sink, backend=lm.capture_backend, model=lm.model, causal=lm.causal):
+    # On a CPU the sliced recipes form every row's probabilities: the layers' outputs come from
+    # them (capture_layers(outputs=True)) instead of a second attention in SDPA.
+    outputs = lm.device.type == "cpu" and lm.kernels is None
+    with capture_layers(sink, backend=lm.capture_backend, model=lm.model, causal=lm.causal, outputs=outputs):
         output = lm.forward(ids, attention_mask, **decoder, **(keep or {}))
     clean = None
     if keep is not None:

@@ -131,3 +131,39 @@ def _check_masks(size: int) -> None:
         torch.testing.assert_close(block, torch.softmax(
             (query[1:3, :, 4:7] @ keys[1:3, :, :block.shape[-1]].transpose(-1, -2) * 0.35).masked_fill(
                 ~mask[1:3, :, 4:7, :block.shape[-1]], low), -1), atol=1e-6, rtol=0, msg=name)
+
+
+def test_outputs_from_the_recipes_probabilities_equal_eager(arch, tokenizer):
+    """capture_layers(outputs=True), the CPU path: each layer's output is P V from the
+    probabilities the sink formed (here a window at a time, and the last window in two blocks of
+    queries), no SDPA; the model's last hidden state equals HF eager's (float32, 1e-5), with
+    padding, causal masks, RoPE, GQA and T5's position bias. A sink that forms no probabilities,
+    or only some rows, leaves the layer to SDPA: the same result."""
+    from attnpipe.capture import capture_layers
+
+    lm, reference = loaded(arch, tokenizer)
+    _, ids, mask = _batch(tokenizer)
+    eager_model = reference.get_encoder() if reference.config.is_encoder_decoder else reference
+    eager_model.set_attn_implementation("eager")
+    with torch.no_grad():
+        want = eager_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    rows = mask.bool()
+    for form in ("windows", "some rows", "none"):
+        complete = []
+
+        def sink(inputs):
+            batch, size = inputs.query.shape[0], inputs.query.shape[2]
+            if form == "windows":
+                for w in range(batch - 1):
+                    inputs.probs_rows(w, w + 1)
+                half = size // 2
+                inputs.probs_entropy_rows(batch - 1, batch, 0, half)
+                inputs.probs_rows(batch - 1, batch, half, size)
+            elif form == "some rows":
+                inputs.probs_rows(0, 1)
+            complete.append(inputs.output_complete)
+
+        with capture_layers(sink, backend="sdpa", model=lm.model, causal=lm.causal, outputs=True), torch.no_grad():
+            got = lm.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(got[rows], want[rows], atol=1e-5, rtol=1e-5, msg=form)
+        assert complete == [form == "windows"] * lm.num_layers, form

@@ -63,6 +63,34 @@ class LayerInputs:
     sliding_window: int | None
     given: torch.Tensor | None = field(default=None, repr=False)  # probabilities the backend computed
     implied_causal: bool = False  # mask is None and the backend ran causal attention without one
+    # The layer's values (batch, kv_head, key_pos, dim) when the capture computes the layer's
+    # output from the probabilities the recipes form (capture_layers(outputs=True)): every
+    # block of probabilities computed from the scores also gives its rows of `output`.
+    value: torch.Tensor | None = field(default=None, repr=False)
+    output: torch.Tensor | None = field(default=None, repr=False)  # (batch, query_pos, head, dim)
+    _covered: torch.Tensor | None = field(default=None, repr=False)  # (batch, query_pos) rows written
+
+    @property
+    def output_complete(self) -> bool:
+        """Every row of the layer's output came from the probabilities the recipes formed."""
+        return self._covered is not None and bool(self._covered.all())
+
+    def _emit(self, lo: int, hi: int, q0: int, probs: torch.Tensor) -> None:
+        """Rows lo..hi, q0.. of the layer's output from their probabilities: P V, as eager
+        attention computes it (the probabilities in the values' dtype), grouped-query heads
+        reading their key/value head without a copy of it."""
+        if self.value is None:
+            return
+        batch, heads, rows, keys = probs.shape
+        value = self.value[lo:hi, :, :keys]
+        if self.output is None:
+            b, _, q, _ = self.query.shape
+            self.output = torch.empty((b, q, heads, value.shape[-1]), dtype=value.dtype, device=value.device)
+            self._covered = torch.zeros((b, q), dtype=torch.bool, device=value.device)
+        weights = probs if probs.dtype == value.dtype else probs.to(value.dtype)
+        out = torch.matmul(weights.reshape(batch, value.shape[1], self.n_rep * rows, keys), value)
+        self.output[lo:hi, q0: q0 + rows] = out.view(batch, heads, rows, -1).transpose(1, 2)
+        self._covered[lo:hi, q0: q0 + rows] = True
 
     @cached_property
     def probs(self) -> torch.Tensor:
@@ -104,7 +132,9 @@ class LayerInputs:
         causal block's future): the softmax is over keys 0..k1."""
         if self.given is not None:
             return self.given[lo:hi, :, q0:q1, :k1]
-        return torch.softmax(self.scores_rows(lo, hi, q0, q1, k1), dim=-1)
+        probs = torch.softmax(self.scores_rows(lo, hi, q0, q1, k1), dim=-1)
+        self._emit(lo, hi, q0, probs)
+        return probs
 
     def probs_entropy_rows(self, lo: int, hi: int, q0: int = 0, q1: int | None = None,
                            k1: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,6 +150,7 @@ class LayerInputs:
         4.8 against 8.0 ms for 239 x 12 x 27 x 27, 1.4 against 2.5 the other way at 128 keys)."""
         scores = self.scores_rows(lo, hi, q0, q1, k1)
         probs = torch.softmax(scores, dim=-1)
+        self._emit(lo, hi, q0, probs)
         if scores.shape[-1] < 48:
             return probs, torch.log_softmax(scores, dim=-1).mul_(probs).sum(dim=-1).neg_()
         scores -= scores.amax(dim=-1, keepdim=True)  # s - m <= 0; masked keys stay finite, their p is 0
@@ -241,8 +272,10 @@ LayerEditor = Callable[[SiteKey, torch.Tensor, "torch.Tensor | None"], "LayerEdi
 
 
 class _Session:
-    def __init__(self, sink: LayerSink, backend: str, names: dict[int, str], causal: bool | None):
+    def __init__(self, sink: LayerSink, backend: str, names: dict[int, str], causal: bool | None,
+                 outputs: bool = False):
         self.sink, self.backend, self.names, self.causal = sink, backend, names, causal
+        self.outputs = outputs
 
 
 class _Editing:
@@ -278,6 +311,17 @@ def attnpipe_attention(module, query, key, value, attention_mask, **kwargs):
     # SDPA's rule: no mask and more than one query means causal attention, for a causal module.
     implied = attention_mask is None and query.shape[2] > 1 and bool(
         kwargs["is_causal"] if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True))
+    if session is not None and session.outputs and backend == "sdpa" and edit is None and not module.training \
+            and not kwargs.get("dropout") and kwargs.get("softcap") is None and kwargs.get("s_aux") is None:
+        # The recipes form every row's probabilities anyway: the layer's output comes from them
+        # (P V), so no second softmax(q k^T) runs in SDPA. Rows no recipe formed (a site the sink
+        # skips) fall back to SDPA.
+        inputs = _inputs(session, module, query, key, attention_mask, kwargs, None, implied)
+        inputs.value = value
+        session.sink(inputs)
+        if inputs.output_complete:
+            return inputs.output, None
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)[0], None
     if edit is not None and edit.patch is not None:
         output, probs = _patched_attention(module, query, key, value, attention_mask, edit, **kwargs)
     elif backend == "eager" or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
@@ -289,14 +333,18 @@ def attnpipe_attention(module, query, key, value, attention_mask, **kwargs):
     else:
         output, probs = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if session is not None:
-        scaling = kwargs.get("scaling")
-        session.sink(LayerInputs(
-            site=site_key(module, session.names, session.causal), query=query, key=key,
-            scaling=query.shape[-1] ** -0.5 if scaling is None else float(scaling), mask=attention_mask,
-            position_bias=kwargs.get("position_bias"), n_rep=query.shape[1] // key.shape[1],
-            causal=bool(getattr(module, "is_causal", False)), sliding_window=kwargs.get("sliding_window"),
-            given=None if probs is None else probs, implied_causal=implied and probs is None))
+        session.sink(_inputs(session, module, query, key, attention_mask, kwargs, probs, implied and probs is None))
     return output, None
+
+
+def _inputs(session: _Session, module, query, key, mask, kwargs, probs, implied: bool) -> LayerInputs:
+    scaling = kwargs.get("scaling")
+    return LayerInputs(
+        site=site_key(module, session.names, session.causal), query=query, key=key,
+        scaling=query.shape[-1] ** -0.5 if scaling is None else float(scaling), mask=mask,
+        position_bias=kwargs.get("position_bias"), n_rep=query.shape[1] // key.shape[1],
+        causal=bool(getattr(module, "is_causal", False)), sliding_window=kwargs.get("sliding_window"),
+        given=probs, implied_causal=implied)
 
 
 def biased_mask(mask: torch.Tensor | None, bias: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
@@ -347,10 +395,12 @@ AttentionMaskInterface.register(BACKEND, attnpipe_mask)
 
 @contextmanager
 def capture_layers(sink: LayerSink, backend: str = "eager", model: torch.nn.Module | None = None,
-                   causal: bool | None = None) -> Iterator[None]:
+                   causal: bool | None = None, outputs: bool = False) -> Iterator[None]:
     """Route every attention call inside the block to `sink(LayerInputs)`; `model` names the
-    modules for site keys (layer indices from the modules themselves otherwise)."""
-    token = _ACTIVE.set(_Session(sink, backend, module_names(model) if model is not None else {}, causal))
+    modules for site keys (layer indices from the modules themselves otherwise). With `outputs`
+    (the sdpa backend), the layers' outputs come from the probabilities the sink forms, P V, and
+    SDPA runs only for rows it formed none of: the CPU path, where SDPA cost as much again."""
+    token = _ACTIVE.set(_Session(sink, backend, module_names(model) if model is not None else {}, causal, outputs))
     try:
         yield
     finally:
