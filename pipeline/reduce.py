@@ -267,8 +267,10 @@ def reduce_batch_async(lm: LoadedModel, windows: list[Window], recipes: list[dic
             pending.append((i, site, {k: _to_host(v) for k, v in cols.items()}))
 
     # On a CPU the sliced recipes form every row's probabilities: the layers' outputs come from
-    # them (capture_layers(outputs=True)) instead of a second attention in SDPA.
-    outputs = lm.device.type == "cpu" and lm.kernels is None
+    # them (capture_layers(outputs=True)) instead of a second attention in SDPA. Not for the
+    # unedited pass of interventions: the edited pass computes its unedited layers in SDPA, and
+    # the two must differ only where the edits are.
+    outputs = lm.device.type == "cpu" and lm.kernels is None and keep is None
     with capture_layers(sink, backend=lm.capture_backend, model=lm.model, causal=lm.causal, outputs=outputs):
         output = lm.forward(ids, attention_mask, **decoder, **(keep or {}))
     clean = None
