@@ -50,7 +50,7 @@ def spilled(tmp_path, tables: list[pa.Table], name: str = "a") -> runs.SpillFile
 
 
 def merged(segments, order=ORDER) -> pa.Table:
-    return pa.concat_tables([t for t, _ in runs.merge(segments, HEADS, order)])
+    return pa.concat_tables([t for t, _ in runs.merge(segments, order)])
 
 
 def test_head_bands():
@@ -94,7 +94,7 @@ def test_bounded_fan_in_merges_in_passes(tmp_path):
         made.append(runs.SpillFile(tmp_path / f"pass-{len(made)}.arrow", tables[0].schema))
         return made[-1]
 
-    segments = runs.bounded(spill.segments, 3, HEADS, ORDER, scratch)
+    segments = runs.bounded(spill.segments, 3, ORDER, scratch)
     assert runs.overlap_depth(segments) <= 3 and len(made) >= 2
     assert not spill.path.exists()  # each pass removes the files it merged
     assert merged(segments).equals(reference(pa.concat_tables(tables)))

@@ -234,7 +234,7 @@ class _Cursor:
         return piece, keys
 
 
-def merge(segments: list[Segment], heads: int | None, order: list[str]):
+def merge(segments: list[Segment], order: list[str]):
     """Sorted pieces (table, keys) of all rows of `segments`, ascending by key, then by the
     columns `order` inside one key. Opens a segment only when the merge reaches its first key.
     Each step emits the rows below the median of the open segments' loaded ends (the segments
@@ -300,15 +300,14 @@ def overlap_depth(segments: list[Segment]) -> int:
     return best
 
 
-def bounded(segments: list[Segment], fan_in: int, heads: int | None, order: list[str],
-            scratch) -> list[Segment]:
+def bounded(segments: list[Segment], fan_in: int, order: list[str], scratch) -> list[Segment]:
     """`segments`, with groups of them merged into longer runs until at most `fan_in` overlap.
     `scratch()` gives a new SpillFile for each pass."""
     while overlap_depth(segments) > fan_in:
         out = scratch()
         ordered = sorted(segments, key=lambda s: s.first)
         for i in range(0, len(ordered), fan_in):
-            for table, keys in merge(ordered[i:i + fan_in], heads, order):
+            for table, keys in merge(ordered[i:i + fan_in], order):
                 out.append(table, keys)
             out.end_stream()
         out.close_writer()

@@ -209,7 +209,7 @@ class _TableWriter:
             spill.close_writer()
         budget = self.owner.buffer_bytes // 4
         fan_in = max(4, budget // (2 * runs.BATCH_ROWS * self.row_bytes))  # two batches per open run
-        segments = runs.bounded([seg for spill in spills for seg in spill.segments], fan_in, self.owner.heads,
+        segments = runs.bounded([seg for spill in spills for seg in spill.segments], fan_in,
                                 self.order, self._new_spill)
         sample = self._complete(runs.first_batch(segments))
         meta = self.owner.schema(self.table, self.recipe).metadata
@@ -218,7 +218,7 @@ class _TableWriter:
         target = runs.row_group_rows(bands, per_row * sum(bands), per_group, footer + per_group * self.groups_in_file)
         groups = runs.Grouper(target, self._group)
         carry = None
-        for table, keys in runs.merge(segments, self.owner.heads, self.order):
+        for table, keys in runs.merge(segments, self.order):
             below = runs.key_doc(keys) < upto
             if below.all():
                 groups.add(table, keys)
