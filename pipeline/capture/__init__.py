@@ -311,8 +311,10 @@ def attnpipe_attention(module, query, key, value, attention_mask, **kwargs):
     # SDPA's rule: no mask and more than one query means causal attention, for a causal module.
     implied = attention_mask is None and query.shape[2] > 1 and bool(
         kwargs["is_causal"] if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True))
+    # soft-capping and attention sinks: only the layer's own eager attention has them
+    own_eager = kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
     if session is not None and session.outputs and backend == "sdpa" and edit is None and not module.training \
-            and not kwargs.get("dropout") and kwargs.get("softcap") is None and kwargs.get("s_aux") is None:
+            and not kwargs.get("dropout") and not own_eager:
         # The recipes form every row's probabilities anyway: the layer's output comes from them
         # (P V), so no second softmax(q k^T) runs in SDPA. Rows no recipe formed (a site the sink
         # skips) fall back to SDPA.
@@ -324,7 +326,7 @@ def attnpipe_attention(module, query, key, value, attention_mask, **kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)[0], None
     if edit is not None and edit.patch is not None:
         output, probs = _patched_attention(module, query, key, value, attention_mask, edit, **kwargs)
-    elif backend == "eager" or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+    elif backend == "eager" or own_eager:
         if backend != "eager" and (implied or (attention_mask is not None and attention_mask.dtype == torch.bool)):
             attention_mask = LayerInputs(None, query, key, 1.0, attention_mask, None, 1, False, None,
                                          implied_causal=implied).additive(dtype=query.dtype)  # SDPA's form

@@ -473,9 +473,8 @@ _ZEROS.flags.writeable = False
 
 def _repeated(value: str, rows: int) -> pa.DictionaryArray:
     """`value` on `rows` rows: a one-entry dictionary, its indices zero-copy zeros."""
-    if rows > len(_ZEROS):
-        return pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, np.int32)), pa.array([value], pa.string()))
-    return pa.DictionaryArray.from_arrays(pa.array(_ZEROS[:rows]), pa.array([value], pa.string()))
+    zeros = _ZEROS[:rows] if rows <= len(_ZEROS) else np.zeros(rows, np.int32)
+    return pa.DictionaryArray.from_arrays(pa.array(zeros), pa.array([value], pa.string()))
 
 
 def _doc_ids(doc_ids: pa.Array, doc_index: pa.ChunkedArray | pa.Array) -> pa.DictionaryArray:
