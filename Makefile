@@ -32,6 +32,7 @@ bench: setup
 	$(PY) benchmarks/bench_capture.py
 	$(PY) benchmarks/bench_storage.py
 	$(PY) benchmarks/bench_extract.py
+	$(PY) benchmarks/profile_cpu.py
 	$(PY) benchmarks/bench_long.py
 	$(PY) benchmarks/bench_corpus.py
 	$(PY) benchmarks/bench_generate.py

@@ -49,6 +49,9 @@ Progress = Callable[[int, int, int], None]
 
 CHUNK_DOCS = 2048  # documents tokenized together
 CHUNK_CHARS = 1 << 18  # ... or fewer, when they are long
+# The CPU path seals the sorted runs when they pass this many bytes (Arrow, on disk beyond the
+# writer's memory budget), not after every chunk: bounds the staging folder's temporary disk.
+CPU_SEAL_BYTES = 512 << 20
 UNIT_BATCHES = 4  # the window pool is cut into batches once it holds this many batches' worth
 
 
@@ -87,7 +90,8 @@ class WindowPool:
     last documents (about one batch of tokens) wait for the next chunk's windows, so that chunk
     boundaries cost few part-filled batches, and the rest is cut into length-sorted batches for
     the model. Holding the *last* documents (not, say, the shortest windows) leaves every earlier
-    document complete, so the writer can seal them (store/runs.py) while the next chunk runs.
+    document complete, so the writer can seal them (store/runs.py): while the next chunk runs on an
+    accelerator, in larger stretches on the CPU path (_write_documents).
     Holds at most a chunk's windows plus one batch (or one long document).
     """
 
@@ -213,7 +217,9 @@ class BackgroundWriter:
 
     def _run(self) -> None:
         while (task := self.queue.get()) is not None:
-            if self.error is None:
+            if isinstance(task, threading.Event):  # wait(): every task before it is done
+                task.set()
+            elif self.error is None:
                 try:
                     task()
                 except BaseException as exc:  # re-raised in the caller
@@ -226,6 +232,13 @@ class BackgroundWriter:
     def put(self, task) -> None:
         self._check()
         self.queue.put(task)
+
+    def wait(self) -> None:
+        """Return once every task put so far is done (raising its error, if any)."""
+        done = threading.Event()
+        self.put(done)
+        done.wait()
+        self._check()
 
     def close(self) -> None:
         self.queue.put(None)
@@ -363,10 +376,18 @@ def _write_documents(writer: ShardWriter, rt: Runtime, docs: ShardDocs, progress
                 progress(int((per_doc == 0).sum()), 0, int(docs.chars[part][per_doc == 0].sum()))
             pool.add(part.start, windows)
             reduce_ready()
-            # documents before the first unfinished one are complete: their rows become row groups
-            # on the writer thread, while the model runs the next chunk
+            # documents before the first unfinished one are complete: their rows can become row groups
             pending = np.flatnonzero(remaining[:part.stop] > 0)
-            background.put(lambda upto=int(pending[0]) if len(pending) else part.stop: writer.seal(upto))
+            upto = int(pending[0]) if len(pending) else part.stop
+            if rt.model.device.type != "cpu":  # on the writer thread, while the model runs the next chunk
+                background.put(lambda upto=upto: writer.seal(upto))
+            elif writer.runs_bytes() >= CPU_SEAL_BYTES:
+                # The CPU path: the model's threads have every core, and a seal beside them slowed
+                # its attention and recipes by 1.4x (benchmarks/profile_cpu.py). So runs wait on
+                # disk until they pass CPU_SEAL_BYTES, or until finalize, and are then sealed on
+                # every core while the model waits.
+                background.wait()
+                writer.seal_now(upto)
         reduce_ready(final=True)
     finally:
         background.close()

@@ -102,6 +102,33 @@ def test_many_small_chunks_store_what_one_chunk_stores(tmp_path, tiny_model_dir,
             (next((r.output / "documents").glob("*.parquet")) for r in (whole, chunked))]
     assert docs[0]["windows"].tolist() == docs[1]["windows"].tolist()
     assert docs[0]["empty"].sum() == 1
+    # The CPU path seals only once the runs pass CPU_SEAL_BYTES (else at finalize): past it after
+    # every chunk, the complete documents are sealed mid-run, on every core, and store the same.
+    seals = []
+    seal_now = ShardWriter.seal_now
+    monkeypatch.setattr(ShardWriter, "seal_now", lambda self, upto: (seals.append(upto), seal_now(self, upto)))
+    monkeypatch.setattr(shard_module, "CPU_SEAL_BYTES", 1)
+    sealed = run("sealed")
+    assert len(seals) > 2 and seals[-1] == 1 << 31 and seals[:-1] == sorted(seals[:-1])
+    assert_same_tables(whole.output, sealed.output, tables=("head_stats", "edges", "rollout", "maps", "tokens"))
+
+
+def test_background_writer_wait_returns_after_the_tasks_and_raises_their_error():
+    background, done = shard_module.BackgroundWriter(), []
+    background.put(lambda: done.append(1))
+    background.wait()
+    assert done == [1]
+
+    def fail():
+        raise OSError("disk full")
+
+    background.put(fail)
+    background.put(lambda: done.append(2))  # skipped: the writer stops at its first error
+    with pytest.raises(OSError, match="disk full"):
+        background.wait()
+    assert done == [1]
+    background.queue.put(None)
+    background.thread.join()
 
 
 def _padded_windows(tokenizer) -> list[Window]:

@@ -165,6 +165,11 @@ class SpillFile:
             self._write(batch)
         self._release()
 
+    @property
+    def stored_bytes(self) -> int:
+        """Arrow bytes of the runs stored so far, in memory and on disk."""
+        return self.disk_bytes + self._kept
+
     def _write(self, batch: pa.RecordBatch) -> None:
         self._writer.write_batch(batch)
         self.disk_bytes += batch.nbytes

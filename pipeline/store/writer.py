@@ -14,12 +14,14 @@ array, as zero-copy slices.
 
 Rows given with `doc_index` (the model's outputs) are not written at flush: each flush is a
 sorted run spilled to disk, and `seal(upto)` (the step calls it once the documents before `upto`
-are complete; `finalize` seals the rest) merges the runs and writes row groups that each hold one
-band of heads (`runs.HEAD_BANDS` per layer) and a contiguous range of documents, sized by a model
-of what a one-document query reads (`runs.row_group_rows`). So both a filter on one (layer, head)
-and one on one document skip most of a file (measured by benchmarks/bench_storage.py). Rows given
-with `doc_id` strings (documents, tokens, words) arrive in doc_id order and are written at flush,
-sorted inside it, in row groups of at most 16k rows that never mix values of `row_group_by`.
+are complete, beside the model on an accelerator; the CPU path calls `seal_now` once the runs
+pass a size, on every core while its model waits; `finalize` seals the rest) merges the runs and
+writes row groups that each hold one band of heads (`runs.HEAD_BANDS` per layer) and a contiguous
+range of documents, sized by a model of what a one-document query reads (`runs.row_group_rows`).
+So both a filter on one (layer, head) and one on one document skip most of a file (measured by
+benchmarks/bench_storage.py). Rows given with `doc_id` strings (documents, tokens, words) arrive
+in doc_id order and are written at flush, sorted inside it, in row groups of at most 16k rows that
+never mix values of `row_group_by`.
 """
 
 from __future__ import annotations
@@ -338,9 +340,10 @@ class ShardWriter:
         self.heads = heads  # the model's heads per layer: row groups hold bands of them (store/runs.py)
         self.in_memory = runs.Budget(buffer_bytes // 16)  # runs kept in memory before they go to disk
         self.spill_numbers = itertools.count(1)
-        # Seals run beside the model on one thread (pyarrow's encoding releases the GIL): the
-        # step never waits for a stretch's Parquet. Two threads were measured slower on 2 cores
-        # (more CPU in all: torch's threads, the writer's and two sealers contend) and took more memory.
+        # Seals run beside the model on one thread (pyarrow's encoding releases the GIL): an
+        # accelerator's step never waits for a stretch's Parquet (the CPU path uses seal_now). Two
+        # threads were measured slower on 2 cores (more CPU in all: torch's threads, the writer's
+        # and two sealers contend) and took more memory.
         self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnpipe-seal")
         self._sealing: list[Future] = []
         # Encoder-decoder runs write three sites with the same layer numbers: a folder per site.
@@ -442,6 +445,32 @@ class ShardWriter:
             if (work := w.start_seal(upto)) is not None:
                 self._sealing.append(self._sealer.submit(work))
 
+    def seal_now(self, upto: int) -> None:
+        """`seal(upto)` on as many threads as there are cores (up to 4), returning when it is done:
+        for when nothing else needs the cores (the last stretch; the CPU path, whose model would
+        otherwise share its cores with the seal, shard.py)."""
+        self.wait_sealed()
+        pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="attnpipe-seal")
+        try:
+            futures = [pool.submit(work) for w in list(self.writers.values())
+                       if (work := w.start_seal(upto)) is not None]
+            for future in futures:
+                future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def runs_bytes(self) -> int:
+        """Arrow bytes of the rows waiting for a seal (sorted runs, and rows given with doc_index
+        still in a buffer), all tables together. Read while the writer thread writes: a recent
+        figure, not an exact one."""
+        total = 0
+        for w in list(self.writers.values()):
+            buffer = list(w.buffer)
+            if buffer and "doc_index" in buffer[0].column_names:
+                total += sum(t.nbytes for t in buffer)
+            total += sum(spill.stored_bytes for spill in list(w.spilled) + [w.spill] if spill is not None)
+        return total
+
     def wait_sealed(self) -> None:
         """Wait for the seal under way; its error, if any, is raised here."""
         sealing, self._sealing = self._sealing, []
@@ -452,13 +481,7 @@ class ShardWriter:
         """Flush and close every file; they are complete and fsynced, still in staging."""
         for w in self.writers.values():
             w.flush()
-        self.wait_sealed()
-        # The last stretch: the model is done, so its tables are sealed on as many threads as
-        # there are cores (up to 4); its encoding can no longer overlap the model.
-        self._sealer.shutdown()
-        self._sealer = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="attnpipe-seal")
-        self.seal(1 << 31)
-        self.wait_sealed()
+        self.seal_now(1 << 31)  # the last stretch: the model is done
         self._sealer.shutdown()
         for w in self.writers.values():
             w.close()
