@@ -3,11 +3,14 @@ here; `--debug` shows the traceback instead."""
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import logging
+import os
 import sys
 import textwrap
+import threading
 
 import click
 
@@ -655,7 +658,38 @@ def show_notes(quiet: bool) -> None:
 
 
 def main() -> None:
-    cli(prog_name="attnpipe")
+    """The `attnpipe` command. Once it is done the process leaves through `leave`."""
+    try:
+        cli(prog_name="attnpipe")
+        code = 0
+    except SystemExit as exc:  # click ends every command this way, errors included
+        code = exc.code
+    leave(code)
+
+
+def leave(code) -> None:
+    """End the process as `sys.exit(code)` would, less the interpreter's teardown: other threads
+    joined, atexit handlers run, streams flushed, then os._exit. Collecting torch's and
+    transformers' module objects one by one took 1.4-1.7 s of a 2-core CPU after every command
+    that loaded them (benchmarks/RESULTS-extract.md); everything attnpipe writes is closed and
+    fsynced before this point."""
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    try:
+        for thread in threading.enumerate():
+            if thread is not threading.current_thread() and not thread.daemon:
+                thread.join()
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # closed, or a broken pipe
+                pass
+        os._exit(code & 0xFF)
 
 
 if __name__ == "__main__":

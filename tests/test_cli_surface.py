@@ -43,3 +43,32 @@ def test_unwritable_hf_home_does_not_stop_a_local_run(tmp_path, tiny_model_dir):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("code, rc, err", [(0, 0, ""), (None, 0, ""), (3, 3, ""), ("Error: bad job", 1, "Error: bad job\n")])
+def test_the_command_leaves_as_sys_exit_would(code, rc, err):
+    """`attnpipe` ends through cli.leave (os._exit, no interpreter teardown): the exit code, the
+    streams' buffered text and the atexit handlers are those of sys.exit."""
+    import subprocess
+    import sys
+
+    script = ("import atexit, sys\nfrom attnpipe.cli import leave\n"
+              "atexit.register(lambda: print('atexit ran'))\nprint('buffered', end=' ')\n"
+              f"leave({code!r})\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (rc, "buffered atexit ran\n", err)
+
+
+def test_the_command_line_exit_codes():
+    import subprocess
+    import sys
+
+    def attnpipe(*args):
+        return subprocess.run([sys.executable, "-m", "attnpipe.cli", *args], capture_output=True, text=True,
+                              timeout=120)
+
+    version = attnpipe("--version")
+    assert version.returncode == 0 and "attnpipe, version" in version.stdout
+    missing = attnpipe("run", "no-such-job.toml")
+    assert missing.returncode == 1 and missing.stderr.strip() == "Error: job file not found: no-such-job.toml"
+    assert attnpipe("no-such-command").returncode == 2
