@@ -238,3 +238,22 @@ def test_cpu_workers_keep_freed_memory(setting, expected):
     out = subprocess.run([sys.executable, "-c", "from attnpipe.hostmem import keep_freed_memory as k; "
                           "print(k(), k())"], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == [expected, expected]
+
+
+@pytest.mark.parametrize("order", ["sorted", "shuffled"])
+def test_doc_ids_of_a_row_group(order):
+    """The writer's doc_id column for rows given by doc_index: a dictionary of the row group's own
+    documents (one pass when the rows come in document order, as sealed row groups do)."""
+    import pyarrow as pa
+
+    from attnpipe.store.writer import _doc_ids
+
+    ids = pa.array([f"doc-{i:03d}" for i in range(50)])
+    index = np.random.default_rng(1).integers(3, 40, 500).astype(np.int32)
+    index = np.sort(index) if order == "sorted" else index
+    column = _doc_ids(ids, pa.array(index))
+    column.validate(full=True)
+    assert column.to_pylist() == [f"doc-{i:03d}" for i in index]
+    assert column.dictionary.to_pylist() == [f"doc-{i:03d}" for i in np.unique(index)]
+    with pytest.raises(ValueError, match="doc_index 50 outside the shard's 50 documents"):
+        _doc_ids(ids, pa.array(np.array([2, 50], np.int32)))

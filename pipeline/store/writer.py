@@ -495,17 +495,29 @@ _ZEROS.flags.writeable = False
 
 
 def _repeated(value: str, rows: int) -> pa.DictionaryArray:
-    """`value` on `rows` rows: a one-entry dictionary, its indices zero-copy zeros."""
+    """`value` on `rows` rows: a one-entry dictionary, its indices zero-copy zeros (valid by
+    construction: not checked, which took a pass over them per column and row group)."""
     zeros = _ZEROS[:rows] if rows <= len(_ZEROS) else np.zeros(rows, np.int32)
-    return pa.DictionaryArray.from_arrays(pa.array(zeros), pa.array([value], pa.string()))
+    return pa.DictionaryArray.from_arrays(pa.array(zeros), pa.array([value], pa.string()), safe=False)
 
 
 def _doc_ids(doc_ids: pa.Array, doc_index: pa.ChunkedArray | pa.Array) -> pa.DictionaryArray:
     """doc_id for rows given as indices into the shard's sorted doc_ids, dictionary-encoded with
-    only the documents these rows hold (a row group's dictionary page lists its own documents)."""
+    only the documents these rows hold (a row group's dictionary page lists its own documents).
+    A sealed row group's rows come in document order: its documents and each row's place among
+    them in one pass, no sort (np.unique otherwise)."""
     index = doc_index.to_numpy()
-    used, local = np.unique(index, return_inverse=True)
-    return pa.DictionaryArray.from_arrays(pa.array(local.astype(np.int32, copy=False)), doc_ids.take(pa.array(used)))
+    if len(index) and bool((index[1:] >= index[:-1]).all()):
+        change = index[1:] != index[:-1]
+        used = index[np.concatenate([[True], change])]
+        local = np.concatenate([[0], np.cumsum(change, dtype=np.int32)])
+    else:
+        used, local = np.unique(index, return_inverse=True)
+    if len(used) and (used[0] < 0 or used[-1] >= len(doc_ids)):
+        raise ValueError(f"doc_index {used[0] if used[0] < 0 else used[-1]} outside the shard's "
+                         f"{len(doc_ids)} documents")
+    return pa.DictionaryArray.from_arrays(pa.array(local.astype(np.int32, copy=False)),
+                                          doc_ids.take(pa.array(used)), safe=False)
 
 
 def _round_values(column):
