@@ -383,7 +383,7 @@ def _write_documents(writer: ShardWriter, rt: Runtime, docs: ShardDocs, progress
                 background.put(lambda upto=upto: writer.seal(upto))
             elif writer.runs_bytes() >= CPU_SEAL_BYTES:
                 # The CPU path: the model's threads have every core, and a seal beside them slowed
-                # its attention and recipes by 1.4x (benchmarks/profile_cpu.py). So runs wait on
+                # its attention and recipes by 1.3-1.4x (benchmarks/profile_cpu.py). So runs wait on
                 # disk until they pass CPU_SEAL_BYTES, or until finalize, and are then sealed on
                 # every core while the model waits.
                 background.wait()
