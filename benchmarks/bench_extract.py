@@ -80,6 +80,15 @@ def cpu_corpus(folder: Path) -> Path:
     return path
 
 
+def cpu_job(folder: Path) -> tuple[Path, Path, dict]:
+    """(corpus, job file, environment) of the CPU whole-process comparison, written in `folder`."""
+    corpus = cpu_corpus(folder)
+    job = folder / "job.toml"
+    job.write_text(f'name = "bench"\n[corpus]\npath = "{corpus}"\nid_column = "id"\n[model]\nmax_length = 128\n'
+                   f'stride = 32\n[run]\ndevice = "cpu"\nnum_shards = 1\nprogress = false\n')
+    return corpus, job, {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
 def wall(cmd: list[str], env=None) -> tuple[float, str]:
     started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
@@ -94,11 +103,7 @@ def run_cpu(repeats: int) -> dict:
     attnpipe without it, so the table says how much of the ratio that setting is."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        corpus = cpu_corpus(tmp)
-        job = tmp / "job.toml"
-        job.write_text(f'name = "bench"\n[corpus]\npath = "{corpus}"\nid_column = "id"\n[model]\nmax_length = 128\n'
-                       f'stride = 32\n[run]\ndevice = "cpu"\nnum_shards = 1\nprogress = false\n')
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        corpus, job, env = cpu_job(tmp)
         env.pop("ATTNPIPE_KEEP_FREED_MEMORY", None)
         keep = "from attnpipe.hostmem import keep_freed_memory\nkeep_freed_memory()\n"
         variants = {  # name -> (command, environment)

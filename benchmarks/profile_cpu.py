@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_extract import PLAIN, cpu_corpus, machine  # noqa: E402
+from bench_extract import PLAIN, cpu_job, machine  # noqa: E402
 
 
 def _plain_child(corpus: str) -> dict:
@@ -152,11 +151,7 @@ def run(repeats: int) -> dict:
     runs: dict[str, list[dict]] = {"plain_sdpa": [], "attnpipe": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        corpus = cpu_corpus(tmp)
-        job = tmp / "job.toml"
-        job.write_text(f'name = "bench"\n[corpus]\npath = "{corpus}"\nid_column = "id"\n[model]\nmax_length = 128\n'
-                       f'stride = 32\n[run]\ndevice = "cpu"\nnum_shards = 1\nprogress = false\n')
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        corpus, job, env = cpu_job(tmp)
         for r in range(repeats):
             for name, args in (("plain_sdpa", ["plain", str(corpus)]),
                                ("attnpipe", ["attnpipe", str(job), str(tmp / f"out{r}")])):
