@@ -203,6 +203,11 @@ class LoadedModel:
         self.kernels = None
         if self.backend == "fused":
             self.kernels = kernels.triton if kernels.available() else kernels.reference
+        # On a CPU the sdpa backend's recipes run through the compiled kernel (kernels/cpu.py)
+        # when it builds; provenance records whether it did.
+        self.cpu_kernel = False
+        if self.device.type == "cpu" and self.kernels is None and self.capture_backend == "sdpa":
+            self.cpu_kernel = kernels.cpu.load() is not None
         self.model.set_attn_implementation(capture.BACKEND)
         self.model.eval().to(self.device)
         if getattr(self.model.config, "use_cache", None):
@@ -214,6 +219,7 @@ class LoadedModel:
         """Shape and causality from one probe pass, and the provenance that records them."""
         self.causal, self.num_layers, self.num_heads = self._probe()
         self.provenance.update(model=self.name, dtype=self.dtype, attention_backend=self.backend_name,
+                               cpu_kernel=self.cpu_kernel,
                                causal=self.causal, num_layers=self.num_layers, num_heads=self.num_heads,
                                tokenizer=type(self.tokenizer).__name__, versions=_versions())
 

@@ -12,6 +12,7 @@ from .capture import LayerInputs, SiteKey, capture_layers
 from .model import LoadedModel
 from .recipes import RECIPES, BatchMasks, LayerAttention, needs_whole_map
 from .recipes.attention import WordPooling
+from .recipes.compiled import CompiledAttention, kernel_needs
 from .recipes.fused import FusedAttention
 from .windows import Target, Window, collate
 
@@ -104,9 +105,12 @@ def apply_recipes(att: LayerAttention, recipes: list[dict], carry: dict[int, tor
                   ) -> list[tuple[int, dict[str, torch.Tensor]]]:
     """Every recipe on one layer; `carry` holds stateful recipes' state between layers of one
     stack. Rollout multiplies a stack's self-attention maps, so it skips cross-attention."""
+    from .recipes.compiled import COMPILED, CompiledAttention
     from .recipes.fused import FUSED
 
-    fused = isinstance(att, FusedAttention) and att.supported
+    # recipes the kernels compute their own way (token level only)
+    own = FUSED if isinstance(att, FusedAttention) and att.supported else \
+        COMPILED if isinstance(att, CompiledAttention) else {}
     out = []
     for i, spec in enumerate(recipes):
         recipe = RECIPES[spec["name"]]
@@ -119,7 +123,7 @@ def apply_recipes(att: LayerAttention, recipes: list[dict], carry: dict[int, tor
                 continue
             cols, carry[i] = recipe.fn(on, carry.get(i), **params)
         else:
-            cols = (FUSED[recipe.name] if fused and not words and recipe.name in FUSED else recipe.fn)(on, **params)
+            cols = (own[recipe.name] if not words and recipe.name in own else recipe.fn)(on, **params)
         out.append((i, cols))
     return out
 
@@ -144,22 +148,26 @@ CPU_SLICE_BYTES = 8 << 20  # of one layer's float32 probabilities: a few windows
 DEVICE_BLOCK_BYTES = 1 << 30  # on an accelerator, the probabilities of a batch beyond which queries go in blocks
 
 
-def window_slices(lm: LoadedModel, windows: int, size: int) -> list[tuple[int, int]]:
+def window_slices(lm: LoadedModel, windows: int, size: int, maps: int | None = None) -> list[tuple[int, int]]:
     """Ranges of the batch's windows that the recipes take one at a time. On a CPU each holds
-    about CPU_SLICE_BYTES of probabilities, so the recipes' passes over them hit the cache and
-    the sdpa backend never forms the whole batch's map; elsewhere, the whole batch."""
+    about CPU_SLICE_BYTES of probabilities (`maps` (batch, T, T) maps per window: every head's,
+    or one, the head mean, when the compiled kernel forms no head's map), so the recipes'
+    passes over them hit the cache and the sdpa backend never forms the whole batch's map;
+    elsewhere, the whole batch."""
     if lm.device.type != "cpu":
         return [(0, windows)]
-    step = max(1, CPU_SLICE_BYTES // (lm.num_heads * size * size * 4))
+    step = max(1, CPU_SLICE_BYTES // ((maps or lm.num_heads) * size * size * 4))
     return [(lo, min(lo + step, windows)) for lo in range(0, windows, step)]
 
 
-def query_blocks(lm: LoadedModel, windows: int, queries: int, keys: int) -> list[tuple[int, int]] | None:
-    """Blocks of query rows for windows whose probabilities exceed the budget (CPU_SLICE_BYTES
-    on a CPU, DEVICE_BLOCK_BYTES elsewhere), so a layer of a long window takes O(block x T)
-    memory, never its (head, T, T) map; None when the windows fit whole."""
+def query_blocks(lm: LoadedModel, windows: int, queries: int, keys: int,
+                 maps: int | None = None) -> list[tuple[int, int]] | None:
+    """Blocks of query rows for windows whose probabilities (`maps` per window, as in
+    window_slices) exceed the budget (CPU_SLICE_BYTES on a CPU, DEVICE_BLOCK_BYTES elsewhere), so
+    a layer of a long window takes O(block x T) memory, never its (head, T, T) map; None when
+    the windows fit whole."""
     budget = CPU_SLICE_BYTES if lm.device.type == "cpu" else DEVICE_BLOCK_BYTES
-    row = lm.num_heads * keys * 4 * windows  # one query row of every window's heads
+    row = (maps or lm.num_heads) * keys * 4 * windows  # one query row of every window's maps
     if row * queries <= budget or queries <= 1:
         return None
     step = max(16, budget // row)
@@ -189,20 +197,42 @@ def _merge_blocks(kind: str, parts: list[tuple[int, dict[str, torch.Tensor]]]) -
 KEY_COLUMNS = ("batch_index", "head", "window_tokens")
 
 
+def compiled_maps(lm: LoadedModel, recipes: list[dict]) -> int | None:
+    """On a CPU with the compiled kernel: how many (T, T) maps per window the recipes read (every
+    head's, or at most the head mean), for window_slices and query_blocks; None without it."""
+    if lm.device.type != "cpu" or lm.kernels is not None or not getattr(lm, "cpu_kernel", False):
+        return None
+    return lm.num_heads if "probs" in kernel_needs(recipes) else 1
+
+
+def _layer_attention(site: SiteKey, masks: BatchMasks, inputs: LayerInputs, rows: tuple[int, int] | None,
+                     needs: frozenset[str] | None) -> LayerAttention:
+    """The compiled kernel's LayerAttention where it takes the layer and these windows (masks
+    that say what the layer's mask says), else the torch ops'."""
+    masking = inputs.kernel_masking if needs is not None else None
+    if masking is not None and not masks.cross and masks.causal == masking[1] and torch.equal(
+            masks.lengths, masking[0][slice(*rows) if rows else slice(None)]):
+        return CompiledAttention(site.layer, masks, inputs, rows, needs)
+    return LayerAttention(None, site.layer, masks, inputs, rows=rows)
+
+
 def reduce_layer(lm: LoadedModel, site: SiteKey, inputs: LayerInputs, masks: list[BatchMasks],
                  slices: list[tuple[int, int]], recipes: list[dict],
                  carries: dict[tuple[int, str], dict[int, torch.Tensor]]) -> list[tuple[int, dict[str, torch.Tensor]]]:
-    """One layer's inputs through every recipe on the torch path, `slices` of windows (`masks`
-    theirs) at a time, and a long window's queries a block at a time (query_blocks); each
-    recipe's columns merged, batch_index and query_pos made whole. `carries` holds stateful
-    recipes' state per (slice, stack)."""
+    """One layer's inputs through every recipe on the torch path (or the compiled CPU kernel's,
+    recipes/compiled.py), `slices` of windows (`masks` theirs) at a time, and a long window's
+    queries a block at a time (query_blocks); each recipe's columns merged, batch_index and
+    query_pos made whole. `carries` holds stateful recipes' state per (slice, stack)."""
     parts: dict[int, list[tuple[int, dict[str, torch.Tensor]]]] = {}
     blockable = not any(needs_whole_map(r) for r in recipes)
+    maps = compiled_maps(lm, recipes)
+    needs = None if maps is None else kernel_needs(recipes)
     for n, ((lo, hi), part_masks) in enumerate(zip(slices, masks)):
         rows = None if len(slices) == 1 else (lo, hi)
-        blocks = query_blocks(lm, hi - lo, inputs.query.shape[2], inputs.key.shape[2]) if blockable else None
+        blocks = query_blocks(lm, hi - lo, inputs.query.shape[2], inputs.key.shape[2],
+                              maps) if blockable else None
         if blocks is None:
-            att = LayerAttention(None, site.layer, part_masks, inputs, rows=rows)
+            att = _layer_attention(site, part_masks, inputs, rows, needs)
             for i, cols in apply_recipes(att, recipes, carries.setdefault((n, site.stack), {})):
                 parts.setdefault(i, []).append((lo, cols))
             continue
@@ -212,7 +242,7 @@ def reduce_layer(lm: LoadedModel, site: SiteKey, inputs: LayerInputs, masks: lis
         # up to its last query, so the blocks shrink and each fits where the one before was freed
         # (first to last, growing sizes fragmented the heap: 4.1 GiB peak at 32k tokens, not 1.3).
         for q0, q1 in reversed(blocks):
-            att = LayerAttention(None, site.layer, part_masks.queries(q0, q1, q1 if causal else None), inputs, rows=rows)
+            att = _layer_attention(site, part_masks.queries(q0, q1, q1 if causal else None), inputs, rows, needs)
             for i, cols in apply_recipes(att, recipes, {}):
                 per_block.setdefault(i, []).append((q0, cols))
         for i, cols in per_block.items():
@@ -247,7 +277,7 @@ def reduce_batch_async(lm: LoadedModel, windows: list[Window], recipes: list[dic
         masks = SiteMasks(masks.source, batch_masks(lm, targets, dec_ids, causal=True, words=words))
     pending: list[tuple[int, SiteKey, dict[str, torch.Tensor]]] = []
     size = max(ids.shape[1], decoder["decoder_input_ids"].shape[1] if decoder else 0)
-    slices = window_slices(lm, len(windows), size)
+    slices = window_slices(lm, len(windows), size, compiled_maps(lm, recipes))
     sliced: dict[int, list[BatchMasks]] = {}  # id(masks) -> the masks of each slice
     carries: dict[tuple[int, str], dict[int, torch.Tensor]] = {}  # (slice, stack) -> stateful recipes' state
 

@@ -83,14 +83,64 @@ class LayerInputs:
             return
         batch, heads, rows, keys = probs.shape
         value = self.value[lo:hi, :, :keys]
-        if self.output is None:
-            b, _, q, _ = self.query.shape
-            self.output = torch.empty((b, q, heads, value.shape[-1]), dtype=value.dtype, device=value.device)
-            self._covered = torch.zeros((b, q), dtype=torch.bool, device=value.device)
+        self._output_buffer()
         weights = probs if probs.dtype == value.dtype else probs.to(value.dtype)
         out = torch.matmul(weights.reshape(batch, value.shape[1], self.n_rep * rows, keys), value)
         self.output[lo:hi, q0: q0 + rows] = out.view(batch, heads, rows, -1).transpose(1, 2)
         self._covered[lo:hi, q0: q0 + rows] = True
+
+    def _output_buffer(self) -> None:
+        if self.output is None:
+            b, heads, q, _ = self.query.shape
+            value = self.value
+            self.output = torch.empty((b, q, heads, value.shape[-1]), dtype=value.dtype, device=value.device)
+            self._covered = torch.zeros((b, q), dtype=torch.bool, device=value.device)
+
+    @cached_property
+    def kernel_masking(self) -> tuple[torch.Tensor, bool] | None:
+        """(each window's length (batch,) int64, causal) when the compiled CPU kernel
+        (kernels/cpu.py) can take this layer: float32 on the CPU, self-attention over the same
+        positions, no position bias or sliding window, probabilities not already given by the
+        backend, and a mask that masks right padding (and, causal, the future) or nothing.
+        None otherwise: the torch ops then compute the same."""
+        query, key = self.query, self.key
+        if (self.given is not None or self.position_bias is not None or self.sliding_window is not None
+                or query.device.type != "cpu" or query.shape[2] != key.shape[2] or query.shape[1] % key.shape[1]
+                or any(t.dtype != torch.float32 for t in (query, key, self.value) if t is not None)):
+            return None
+        batch, keys = query.shape[0], key.shape[2]
+        if self.mask is None:
+            return torch.full((batch,), keys, dtype=torch.int64), self.implied_causal and keys > 1
+        if self._padding is None:
+            return None
+        bias, causal = self._padding
+        valid = bias == 0  # (batch or 1, key_pos)
+        lengths = valid.sum(-1)
+        if not torch.equal(valid, torch.arange(keys)[None, :] < lengths[:, None]):  # not right padding
+            return None
+        return lengths.expand(batch).contiguous(), causal
+
+    def compiled_rows(self, lo: int, hi: int, q0: int = 0, q1: int | None = None, k1: int | None = None, *,
+                      flags: torch.Tensor | None = None, stats: bool = False, mean: bool = False,
+                      probs: bool = False, output: bool = True) -> dict[str, torch.Tensor]:
+        """Windows lo..hi, query rows q0..q1 and keys 0..k1 through the compiled CPU kernel (this
+        layer's `kernel_masking` must not be None): what `kernels.cpu.attention_rows` returns,
+        and, with `output` and the values at hand, those rows of the layer's output (P V)."""
+        from ..kernels import cpu
+
+        q1 = self.query.shape[2] if q1 is None else min(q1, self.query.shape[2])
+        k1 = self.key.shape[2] if k1 is None else min(k1, self.key.shape[2])
+        lengths, causal = self.kernel_masking
+        value = out = None
+        if output and self.value is not None:
+            self._output_buffer()
+            value, out = self.value[lo:hi, :, :k1], self.output[lo:hi, q0:q1]
+        result = cpu.attention_rows(self.query[lo:hi, :, q0:q1], self.key[lo:hi, :, :k1], value, lengths[lo:hi],
+                                    causal=causal, offset=q0, scaling=self.scaling, flags=flags, out=out,
+                                    stats=stats, mean=mean, probs=probs)
+        if out is not None:
+            self._covered[lo:hi, q0:q1] = True
+        return result
 
     @cached_property
     def probs(self) -> torch.Tensor:

@@ -1,10 +1,13 @@
 """Attention statistics computed from a layer's q and k, without materialising P where possible.
 
 Two implementations with the same four functions (row_lse, row_stats, row_topk, head_mean_map):
-- `reference`: plain torch, float32, any device. The CPU path and the tests' reference.
+- `reference`: plain torch, float32, any device. The tests' reference.
 - `triton`: fused Triton kernels (flash-attention-style recompute, P never written to memory),
   imported on first use so that this package loads without triton installed.
 Use `available()` to decide between them.
+
+And for the CPU path, `cpu`: one compiled C pass over each attention row (cpu_attn.c, built on
+first use), which gives the layer's output along with the row statistics and head-mean map.
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from . import reference
+from . import cpu, reference
 
-__all__ = ["available", "reference", "triton"]
+__all__ = ["available", "cpu", "reference", "triton"]
 
 
 def available() -> bool:

@@ -13,12 +13,12 @@ the two on the same layers.
 
 from __future__ import annotations
 
-import math
 from functools import cached_property
 
 import torch
 
 from .attention import HEAD_MEAN, BatchMasks, LayerAttention, edge_columns
+from .head_stats import from_rows
 
 
 MAX_FUSED_K = 128  # the Triton top-k buffer
@@ -61,31 +61,19 @@ class FusedAttention(LayerAttention):
 
     @cached_property
     def key_flags(self) -> torch.Tensor:  # (batch, key_pos) uint8: 1 special, 2 sep, 4 punct
-        m = self.masks
-        return (m.special.to(torch.uint8) | (m.sep.to(torch.uint8) << 1) | (m.punct.to(torch.uint8) << 2))
+        return key_flags(self.masks)
+
+
+def key_flags(m: BatchMasks) -> torch.Tensor:
+    """(batch, key_pos) uint8 flags of the keys (kernels/reference.py): 1 special, 2 sep, 4 punct."""
+    return m.special.to(torch.uint8) | (m.sep.to(torch.uint8) << 1) | (m.punct.to(torch.uint8) << 2)
 
 
 def head_stats(att: FusedAttention) -> dict[str, torch.Tensor]:
     """head_stats (see its torch recipe) from the kernels' per-query statistics."""
-    m = att.masks
     stats = att.kernels.row_stats(att.inputs.query, att.inputs.key, att.lse, key_flags=att.key_flags,
                                   **att._common)  # (batch, head, query_pos, 9)
-    n_keys = m.pair_valid.sum(-1).float()  # (batch, 1, query_pos)
-    log_n = torch.where(n_keys > 1, n_keys.clamp_min(2).log(), torch.full_like(n_keys, math.inf))
-    names = ("entropy", "first_mass", "sep_mass", "special_mass", "self_mass", "prev_mass", "next_mass",
-             "punct_mass", "mean_distance")
-    per_query = {name: stats[..., i] for i, name in enumerate(names)}
-    per_query["entropy_norm"] = per_query["entropy"] / log_n
-    valid = m.token_valid[:, None, :].float()
-    batch, heads = stats.shape[:2]
-    cols = {"batch_index": torch.arange(batch, device=stats.device).repeat_interleave(heads),
-            "head": torch.arange(heads, device=stats.device).repeat(batch),
-            "window_tokens": m.lengths.repeat_interleave(heads)}
-    order = ("entropy", "entropy_norm", "first_mass", "sep_mass", "special_mass", "self_mass", "prev_mass",
-             "next_mass", "punct_mass", "mean_distance")
-    cols.update({name: ((per_query[name] * valid).sum(-1) / valid.sum(-1).clamp_min(1.0)).reshape(-1)
-                 for name in order})
-    return cols
+    return from_rows(att.masks, stats)
 
 
 def topk(att: FusedAttention, *, k: int, per_head: bool) -> dict[str, torch.Tensor]:

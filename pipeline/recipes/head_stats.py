@@ -70,6 +70,30 @@ def head_stats(att: LayerAttention) -> dict[str, torch.Tensor]:
     return cols
 
 
+def from_rows(m, stats: torch.Tensor) -> dict[str, torch.Tensor]:
+    """head_stats from per-query statistics (batch, head, query_pos, 9) in the order of
+    kernels.reference.STATS (the Triton and the compiled CPU kernels give them), zero on padded
+    queries: the same means as head_stats, each query weighted 1 / the window's length (a
+    block of a long window's queries adds up with the others, as in head_stats)."""
+    from ..kernels.reference import STATS as ROW_STATS
+
+    batch, heads = stats.shape[:2]
+    weights = m.token_valid.float() / m.lengths[:, None].clamp_min(1).float()  # (batch, query_pos)
+    n_keys = _keys_seen(m).float()
+    log_n = torch.where(n_keys > 1, n_keys.clamp_min(2).log(), torch.full_like(n_keys, math.inf))
+    means = torch.matmul(weights[:, None, None, :], stats)[:, :, 0]  # (batch, head, 9)
+    named = {name: means[..., i] for i, name in enumerate(ROW_STATS)}
+    named["entropy_norm"] = torch.matmul(stats[..., 0], (weights / log_n)[..., None])[..., 0]
+    if m.cross:
+        for name in ("self_mass", "prev_mass", "next_mass", "mean_distance"):
+            del named[name]
+    cols = {"batch_index": torch.arange(batch, device=stats.device).repeat_interleave(heads),
+            "head": torch.arange(heads, device=stats.device).repeat(batch),
+            "window_tokens": m.lengths.repeat_interleave(heads)}
+    cols.update({name: named[name].reshape(-1) for name in STATS if name in named})
+    return cols
+
+
 def _diagonal(p: torch.Tensor, weights: torch.Tensor, shift: int) -> torch.Tensor:
     """(batch, head): the weighted mean over queries of row i's weight on key i + shift (0 where
     there is no such key): self (the block's offset), previous and next token, off one diagonal
