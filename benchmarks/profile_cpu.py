@@ -4,7 +4,8 @@ The same workload as `bench_extract.py --cpu` (the demo corpus x4, MiniLM float3
 recipes), each process timed from the inside. Plain script: start-up (imports, corpus, tokenizer,
 model, tokenization), the batch loop, and the SDPA calls inside it. attnpipe: start-up (imports,
 job, corpus, model), the model's forward passes, the attention with every recipe inside them (the
-probabilities, the layers' outputs P V, each recipe), tokenizing the chunks, the last seal and
+compiled kernel's pass, or without it the probabilities and the layers' outputs P V; each
+recipe), tokenizing the chunks, the last seal and
 commit, and the CPU seconds of the writer and seal threads, which run beside the model. Processes
 alternate, `--repeats` times each; medians are printed, and every run with `--json`.
 
@@ -68,7 +69,10 @@ def _attnpipe_child(job: str, out: str) -> dict:
     import threading
     from concurrent.futures import thread as futures_thread
 
+    import functools
+
     import attnpipe.capture as capture
+    import attnpipe.recipes.compiled as compiled
     import attnpipe.cli as cli
     import attnpipe.model as model
     import attnpipe.reduce as reduce
@@ -103,6 +107,8 @@ def _attnpipe_child(job: str, out: str) -> dict:
     wrap(capture.LayerInputs, "probs_rows", "  probabilities and entropy (with the two below)_s")
     wrap(capture.LayerInputs, "scores_rows", "    scores q k^T_s")
     wrap(capture.LayerInputs, "_emit", "    the layer's output P V_s")
+    # with the compiled CPU kernel (kernels/cpu.py), one pass instead of the three above
+    wrap(capture.LayerInputs, "compiled_rows", "    compiled kernel: output, statistics, head mean_s")
     wrap(shard, "_tokenize_chunk", "tokenize_chunks_s")
     wrap(writer.ShardWriter, "finalize", "finalize_s")
     for name in ("head_stats", "topk", "rollout"):  # head_stats forms the probabilities (entropy)
@@ -119,6 +125,8 @@ def _attnpipe_child(job: str, out: str) -> dict:
                 add(_key, time.perf_counter() - started)
 
         recipe.__dict__["fn"] = timed
+        if name in compiled.COMPILED:  # the kernel's own head_stats, with the kernel's pass
+            compiled.COMPILED[name] = functools.partial(timed, _fn=compiled.COMPILED[name])
     background = shard.BackgroundWriter._run
 
     def writer_thread(self):

@@ -145,6 +145,7 @@ class PendingBatch:
 
 
 CPU_SLICE_BYTES = 8 << 20  # of one layer's float32 probabilities: a few windows (measured best of 1-32 MiB)
+KERNEL_BLOCK_BYTES = 32 << 20  # a CPU's block of a long window for the compiled kernel (8 and 64 measured slower)
 DEVICE_BLOCK_BYTES = 1 << 30  # on an accelerator, the probabilities of a batch beyond which queries go in blocks
 
 
@@ -166,7 +167,10 @@ def query_blocks(lm: LoadedModel, windows: int, queries: int, keys: int,
     window_slices) exceed the budget (CPU_SLICE_BYTES on a CPU, DEVICE_BLOCK_BYTES elsewhere), so
     a layer of a long window takes O(block x T) memory, never its (head, T, T) map; None when
     the windows fit whole."""
-    budget = CPU_SLICE_BYTES if lm.device.type == "cpu" else DEVICE_BLOCK_BYTES
+    if lm.device.type != "cpu":
+        budget = DEVICE_BLOCK_BYTES
+    else:  # the compiled kernel's threads each take rows of a block: give them enough
+        budget = CPU_SLICE_BYTES if maps is None else KERNEL_BLOCK_BYTES
     row = (maps or lm.num_heads) * keys * 4 * windows  # one query row of every window's maps
     if row * queries <= budget or queries <= 1:
         return None

@@ -2,7 +2,7 @@
 
 Reference: P = softmax over each row's valid keys (padding and, causal, the future masked) in
 float64; the output P V, the nine row statistics of kernels.reference.row_stats, the mean of P
-over heads and P itself. Tolerance 2e-5 absolute (float32 scores and -ffast-math exp/log; the
+over heads and P itself. Tolerance 2e-5 absolute (float32 scores, the kernel's own exp; the
 observed error is ~1e-6; mean_distance, which runs to ~100, 1e-5 relative). Shapes cover grouped-query heads, head dims that are not a multiple
 of the vector width, one-token windows, a block of a long window's queries (offset), and
 strided inputs as the capture hands them over (batch, pos, head, dim transposed).
@@ -12,6 +12,9 @@ architecture, and the layer outputs the kernel computes are the model's.
 """
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -103,6 +106,15 @@ def test_kernel_block_of_queries():
     torch.testing.assert_close(block["probs"], whole["probs"][:, :, 40:60, :60], atol=1e-6, rtol=0)
     torch.testing.assert_close(block["mean"], whole["mean"][:, 40:60, :60], atol=1e-6, rtol=0)
     assert not whole["probs"][:, :, 40:60, 60:].any()  # causal: no weight past the block's last query
+
+
+def test_loading_the_kernel_keeps_subnormals():
+    """The library must not switch the process to flush-to-zero (what -ffast-math's start-up code
+    does to every caller of a shared library): torch's arithmetic on subnormals stays exact."""
+    code = ("import torch; from attnpipe.kernels import cpu; x = torch.tensor([1e-39]); "
+            "assert cpu.load() is not None; print((x * 1.5).item())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(done.stdout) == pytest.approx(1.5e-39, rel=1e-3)
 
 
 def test_kernel_rejects_what_it_cannot_take():

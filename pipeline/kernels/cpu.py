@@ -2,7 +2,7 @@
 probabilities, in one pass over each attention row.
 
 The C file ships with the package and is compiled here once per machine with the system's C
-compiler (`$CC`, else cc), `-O3 -march=native -ffast-math -fopenmp`, into the user's cache
+compiler (`$CC`, else cc), `-O3 -march=native -fopenmp`, into the user's cache
 (`$ATTNPIPE_CACHE`, else `$XDG_CACHE_HOME/attnpipe`, else ~/.cache/attnpipe), under a name
 that hashes the source, the flags, the compiler and the CPU's features: a changed file or a
 different machine builds anew. The build goes to a temporary name and is renamed into place,
@@ -31,7 +31,9 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_attn.c")
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
+# No -ffast-math: linked into a shared library it switches the whole process to flushing
+# subnormals to zero (gcc's crtfastmath), which would change torch's numbers too.
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
 ENV = "ATTNPIPE_CPU_KERNEL"  # "0": never use the kernel
 NSTATS = 9  # the columns of kernels/reference.py STATS
 

@@ -13,7 +13,7 @@
  * of a long window's queries). Padded query rows still get an output row (over the valid
  * keys, as SDPA computes it) and their probabilities; their statistics are 0.
  *
- * Built once per machine by kernels/cpu.py (cc -O3 -march=native -ffast-math -fopenmp) and
+ * Built once per machine by kernels/cpu.py (cc -O3 -march=native -fopenmp) and
  * called through ctypes; the threads are the process's OpenMP pool, torch's. GCC vector
  * extensions: VF floats per vector, lowered to whatever the CPU has (AVX-512, AVX2, SSE).
  */
@@ -37,7 +37,30 @@ static inline int64_t lo64(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t up(int64_t n) { return (n + VF - 1) / VF * VF; }
 static inline vf pick(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
 static inline float total(vf x) { float s = 0.f; for (int i = 0; i < VF; i++) s += x[i]; return s; }
-static inline vf vexp(vf x) { vf y; for (int i = 0; i < VF; i++) y[i] = expf(x[i]); return y; }
+static inline float top(vf x) { float m = x[0]; for (int i = 1; i < VF; i++) m = x[i] > m ? x[i] : m; return m; }
+
+/* exp(x) for x <= 0 (a score minus its row's maximum), to about 1 ulp: x = n ln2 + r with
+ * |r| <= ln2 / 2, exp(r) by Cephes' degree-6 polynomial, 2^n from the exponent bits. Below -86
+ * it returns exp(-86), 4.5e-38, a normal float: no lane ever makes a subnormal (slow on x86)
+ * and equal tiny weights stay equal, so ties rank by position as torch's zeros do. Our own, not
+ * libm's vector exp, because that needs -ffast-math, whose start-up code would switch the
+ * whole process (torch too) to flush subnormals to zero. */
+static inline vf vexp(vf x)
+{
+    const float shift = 12582912.f; /* 1.5 * 2^23: adding it rounds to an integer */
+    x = pick(x < -86.f, (vf){0} - 86.f, x);
+    vf n = (x * 1.44269504088896341f + shift) - shift;
+    vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    vf p = (vf){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+    return p * (vf)bits;
+}
 
 /* Per thread: one kv head's keys transposed (dim x key) and values (key x dim), padded to whole
  * vectors with zeros; a block's scores; the key flags as floats; the block's queries. */
@@ -155,12 +178,16 @@ int attnpipe_attention_rows(
                                 log_z[r] = spread[r] = 0.f;
                                 continue;
                             }
-                            float top = s[0];
-                            for (int64_t j = 1; j < nr; j++) top = s[j] > top ? s[j] : top;
+                            vf mv = (vf){0} - 3.4e38f;
+                            for (int64_t j = 0; j < width; j += VF) {
+                                vf x = pick((lane + (int32_t)j) < (int32_t)nr, LOAD(s + j), mv);
+                                mv = pick(x > mv, x, mv);
+                            }
+                            const float peak = top(mv);
                             vf z = {0}, sp = {0};
                             for (int64_t j = 0; j < width; j += VF) {
                                 vi in = (lane + (int32_t)j) < (int32_t)nr;
-                                vf x = pick(in, LOAD(s + j) - top, (vf){0});
+                                vf x = pick(in, LOAD(s + j) - peak, (vf){0});
                                 vf e = pick(in, vexp(x), (vf){0});
                                 STORE(s + j, e);
                                 z += e;
