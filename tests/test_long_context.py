@@ -44,10 +44,12 @@ def test_query_blocks_store_what_the_whole_window_stores(arch, backend, tokenize
     windows = tokenize(tokenizer, TEXTS, 64, 8)
     assert len({len(w) for w in windows}) > 1  # padding in the batch
     monkeypatch.setattr(reduce_module, "CPU_SLICE_BYTES", 1 << 40)
+    monkeypatch.setattr(reduce_module, "KERNEL_BLOCK_BYTES", 1 << 40)
     whole = reduce_batch(lm, windows, BLOCKED)
     calls = []
     original = reduce_module.query_blocks
     monkeypatch.setattr(reduce_module, "CPU_SLICE_BYTES", 1)
+    monkeypatch.setattr(reduce_module, "KERNEL_BLOCK_BYTES", 1)  # the compiled kernel's blocks
     monkeypatch.setattr(reduce_module, "query_blocks", lambda *a: calls.append(a) or original(*a))
     blocked = reduce_batch(lm, windows, BLOCKED)
     assert any(original(*a) is not None and len(original(*a)) > 1 for a in calls)  # more than one block ran
