@@ -12,7 +12,7 @@ from .capture import LayerInputs, SiteKey, capture_layers
 from .model import LoadedModel
 from .recipes import RECIPES, BatchMasks, LayerAttention, needs_whole_map
 from .recipes.attention import WordPooling
-from .recipes.compiled import CompiledAttention, kernel_needs
+from .recipes.compiled import CompiledAttention, Needs, kernel_needs
 from .recipes.fused import FusedAttention
 from .windows import Target, Window, collate
 
@@ -206,11 +206,11 @@ def compiled_maps(lm: LoadedModel, recipes: list[dict]) -> int | None:
     head's, or at most the head mean), for window_slices and query_blocks; None without it."""
     if lm.device.type != "cpu" or lm.kernels is not None or not getattr(lm, "cpu_kernel", False):
         return None
-    return lm.num_heads if "probs" in kernel_needs(recipes) else 1
+    return lm.num_heads if kernel_needs(recipes).probs else 1
 
 
 def _layer_attention(site: SiteKey, masks: BatchMasks, inputs: LayerInputs, rows: tuple[int, int] | None,
-                     needs: frozenset[str] | None) -> LayerAttention:
+                     needs: Needs | None) -> LayerAttention:
     """The compiled kernel's LayerAttention where it takes the layer and these windows (masks
     that say what the layer's mask says), else the torch ops'."""
     masking = inputs.kernel_masking if needs is not None else None

@@ -2,7 +2,7 @@
 
 Reference: P = softmax over each row's valid keys (padding and, causal, the future masked) in
 float64; the output P V, the nine row statistics of kernels.reference.row_stats, the mean of P
-over heads and P itself. Tolerance 2e-5 absolute (float32 scores, the kernel's own exp; the
+over heads, P itself and the top keys of kernels.reference.row_topk, per head and on the mean. Tolerance 2e-5 absolute (float32 scores, the kernel's own exp; the
 observed error is ~1e-6; mean_distance, which runs to ~100, 1e-5 relative). Shapes cover grouped-query heads, head dims that are not a multiple
 of the vector width, one-token windows, a block of a long window's queries (offset), and
 strided inputs as the capture hands them over (batch, pos, head, dim transposed).
@@ -77,7 +77,7 @@ def test_kernel_matches_torch(batch, heads, kv_heads, size, dim, causal, lengths
     scaling = dim ** -0.5
     out = torch.full((batch, size, heads, dim), float("nan"))
     got = cpu.attention_rows(q, k, v, lengths, causal=causal, offset=0, scaling=scaling, flags=flags, out=out,
-                             stats=True, mean=True, probs=True)
+                             stats=True, mean=True, probs=True, topk_head=3, topk_mean=40)
     p, expected_out = _reference(q, k, v, lengths, causal, scaling)
     torch.testing.assert_close(out.double(), expected_out, atol=TOL, rtol=0)
     torch.testing.assert_close(got["probs"].double(), p, atol=TOL, rtol=0)
@@ -85,6 +85,11 @@ def test_kernel_matches_torch(batch, heads, kv_heads, size, dim, causal, lengths
     lse = reference.row_lse(q, k, scaling=scaling, lengths=lengths, causal=causal)
     stats = reference.row_stats(q, k, lse, scaling=scaling, lengths=lengths, causal=causal, key_flags=flags)
     torch.testing.assert_close(got["stats"], stats, atol=TOL, rtol=1e-5)  # mean_distance runs to ~100
+    for name, count, head_mean in (("topk_head", 3, False), ("topk_mean", 40, True)):  # 40: more than some rows have
+        weight, position = reference.row_topk(q, k, lse, scaling=scaling, lengths=lengths, causal=causal,
+                                              k_top=count, head_mean=head_mean)
+        torch.testing.assert_close(got[name][0], weight, atol=TOL, rtol=0)
+        assert torch.equal(got[name][1], position), name
 
 
 def test_kernel_block_of_queries():

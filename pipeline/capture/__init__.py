@@ -121,11 +121,11 @@ class LayerInputs:
         return lengths.expand(batch).contiguous(), causal
 
     def compiled_rows(self, lo: int, hi: int, q0: int = 0, q1: int | None = None, k1: int | None = None, *,
-                      flags: torch.Tensor | None = None, stats: bool = False, mean: bool = False,
-                      probs: bool = False, output: bool = True) -> dict[str, torch.Tensor]:
+                      flags: torch.Tensor | None = None, output: bool = True, **asked) -> dict[str, torch.Tensor]:
         """Windows lo..hi, query rows q0..q1 and keys 0..k1 through the compiled CPU kernel (this
-        layer's `kernel_masking` must not be None): what `kernels.cpu.attention_rows` returns,
-        and, with `output` and the values at hand, those rows of the layer's output (P V)."""
+        layer's `kernel_masking` must not be None): what `kernels.cpu.attention_rows` returns for
+        `asked` (stats, mean, probs, topk_head, topk_mean), and, with `output` and the values at
+        hand, those rows of the layer's output (P V)."""
         from ..kernels import cpu
 
         q1 = self.query.shape[2] if q1 is None else min(q1, self.query.shape[2])
@@ -136,8 +136,7 @@ class LayerInputs:
             self._output_buffer()
             value, out = self.value[lo:hi, :, :k1], self.output[lo:hi, q0:q1]
         result = cpu.attention_rows(self.query[lo:hi, :, q0:q1], self.key[lo:hi, :, :k1], value, lengths[lo:hi],
-                                    causal=causal, offset=q0, scaling=self.scaling, flags=flags, out=out,
-                                    stats=stats, mean=mean, probs=probs)
+                                    causal=causal, offset=q0, scaling=self.scaling, flags=flags, out=out, **asked)
         if out is not None:
             self._covered[lo:hi, q0:q1] = True
         return result

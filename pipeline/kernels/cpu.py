@@ -113,7 +113,7 @@ def load():
         return None
     p, i64, strides = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)
     fn.argtypes = [p, strides, p, strides, p, strides, i64, i64, i64, i64, i64, i64, p, ctypes.c_int, i64,
-                   ctypes.c_float, p, i64, p, strides, p, p, p]
+                   ctypes.c_float, p, i64, p, strides, p, p, p, i64, p, p, i64, p, p]
     fn.restype = ctypes.c_int
     _loaded["lib"] = fn
     return fn
@@ -131,14 +131,18 @@ def _strides(t: torch.Tensor | None):
 def attention_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None, lengths: torch.Tensor, *,
                    causal: bool, offset: int, scaling: float, flags: torch.Tensor | None = None,
                    out: torch.Tensor | None = None, stats: bool = False, mean: bool = False,
-                   probs: bool = False) -> dict[str, torch.Tensor]:
+                   probs: bool = False, topk_head: int = 0, topk_mean: int = 0) -> dict[str, torch.Tensor]:
     """One call of the kernel. query (batch, head, rows, dim) holds positions offset.. of each
     window, key and value (batch, kv_head, keys, dim), all float32 on the CPU, any strides;
     lengths (batch,) each window's real tokens (right padding). `out` (batch, rows, head, dim),
     contiguous in dim, receives P V (value needed). Returns the asked-for tensors: "stats"
     (batch, head, rows, 9) in reference.STATS order (key flags (batch, keys) uint8 needed:
     1 special, 2 sep, 4 punct), "mean" (batch, rows, keys) the mean over heads of P, "probs"
-    (batch, head, rows, keys), zero on masked keys."""
+    (batch, head, rows, keys), zero on masked keys; with topk_head / topk_mean = k, "topk_head"
+    (batch, head, rows, k) and "topk_mean" (batch, 1, rows, k): (weights float32, key positions
+    int32) of each row's k strongest keys, every head's and on the head mean ("mean" comes too),
+    descending, ties to the smaller position, weight and position -1 in slots past the row's keys
+    and on padded queries (kernels.reference.row_topk)."""
     fn = load()
     if fn is None:
         raise RuntimeError("the CPU attention kernel is not available")
@@ -154,8 +158,14 @@ def attention_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor |
     result = {}
     if stats:
         result["stats"] = torch.empty((batch, heads, rows, NSTATS), dtype=torch.float32)
-    if mean:
+    if mean or topk_mean:
         result["mean"] = torch.empty((batch, rows, keys), dtype=torch.float32)
+    tops = {}
+    for name, count, width in (("topk_head", topk_head, heads), ("topk_mean", topk_mean, 1)):
+        if count:
+            tops[name] = (torch.empty((batch, width, rows, count), dtype=torch.float32),
+                          torch.empty((batch, width, rows, count), dtype=torch.int32))
+    empty = (None, None)
     if probs:
         result["probs"] = torch.empty((batch, heads, rows, keys), dtype=torch.float32)
     lengths = lengths.to(torch.int64).contiguous()
@@ -164,7 +174,8 @@ def attention_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor |
     failed = fn(_ptr(query), _strides(query), _ptr(key), _strides(key), _ptr(value), _strides(value),
                 batch, heads, kv_heads, rows, keys, dim, _ptr(lengths), int(causal), offset, scaling,
                 _ptr(flags), 0 if flags is None else flags.stride(0), _ptr(out), _strides(out), _ptr(result.get("stats")),
-                _ptr(result.get("mean")), _ptr(result.get("probs")))
+                _ptr(result.get("mean")), _ptr(result.get("probs")),
+                topk_head, *map(_ptr, tops.get("topk_head", empty)), topk_mean, *map(_ptr, tops.get("topk_mean", empty)))
     if failed:
         raise MemoryError("the CPU attention kernel could not allocate its scratch memory")
-    return result
+    return {**result, **tops}

@@ -3,8 +3,9 @@
  *   - the layer's output row P V (what SDPA would return),
  *   - the row's statistics (kernels/reference.py: row_stats, the same nine columns),
  *   - the row's share of the head-mean map (mean over heads of P),
- *   - the row's probabilities themselves, when a recipe needs every head's map.
- * Each of the four is optional (a NULL pointer).
+ *   - the row's probabilities themselves, when a recipe needs every head's map,
+ *   - the row's k strongest keys, per head and on the head mean (after every head's share).
+ * Each is optional (a NULL pointer, or k = 0); the mean's top keys need the mean.
  *
  * Conventions are those of kernels/reference.py: q (batch, head, query, dim), k and v (batch,
  * kv_head, key, dim), any strides; query head h reads kv head h / (head / kv_head). Window b
@@ -62,6 +63,35 @@ static inline vf vexp(vf x)
     return p * (vf)bits;
 }
 
+static inline int any_lane(vi m) { int32_t a = 0; for (int i = 0; i < VF; i++) a |= m[i]; return a != 0; }
+
+/* The `count` largest of x[0..n), descending, ties to the smaller position (reference.row_topk):
+ * a sorted insertion, whole vectors below the current last weight skipped. Slots past n: weight
+ * -1 and position -1. x is padded with zeros to whole vectors. */
+static void top_keys(const float *x, int64_t n, int64_t count, float *w, int32_t *at)
+{
+    int64_t filled = 0;
+    for (int64_t j0 = 0; j0 < n; j0 += VF) {
+        if (filled == count && j0 + VF <= n && !any_lane(LOAD(x + j0) > w[count - 1])) continue;
+        const int64_t end = j0 + VF < n ? j0 + VF : n;
+        for (int64_t j = j0; j < end; j++) {
+            const float v = x[j];
+            if (filled == count && !(v > w[count - 1])) continue;
+            int64_t slot = filled < count ? filled++ : count - 1;
+            for (; slot > 0 && w[slot - 1] < v; slot--) {
+                w[slot] = w[slot - 1];
+                at[slot] = at[slot - 1];
+            }
+            w[slot] = v;
+            at[slot] = (int32_t)j;
+        }
+    }
+    for (int64_t slot = filled; slot < count; slot++) {
+        w[slot] = -1.f;
+        at[slot] = -1;
+    }
+}
+
 /* Per thread: one kv head's keys transposed (dim x key) and values (key x dim), padded to whole
  * vectors with zeros; a block's scores; the key flags as floats; the block's queries. */
 struct scratch { float *kt, *vb, *s, *flag, *qv; };
@@ -87,7 +117,8 @@ int attnpipe_attention_rows(
     int64_t batch, int64_t heads, int64_t kv_heads, int64_t nq, int64_t nk, int64_t dim,
     const int64_t *lengths, int causal, int64_t offset, float scaling,
     const uint8_t *flags, int64_t flag_stride,
-    float *out, const int64_t *os, float *stats, float *mean, float *probs)
+    float *out, const int64_t *os, float *stats, float *mean, float *probs,
+    int64_t k_head, float *top_w, int32_t *top_at, int64_t k_mean, float *mean_w, int32_t *mean_at)
 {
     const int64_t rep = heads / kv_heads, kp = up(nk), dp = up(dim);
     const int threads = omp_get_max_threads();
@@ -239,6 +270,10 @@ int attnpipe_attention_rows(
                                 memcpy(pr, p, nr * sizeof(float));
                                 if (nr < nk) memset(pr + nr, 0, (nk - nr) * sizeof(float));
                             }
+                            if (k_head) {
+                                const int64_t slot = ((b * heads + h) * nq + i) * k_head;
+                                top_keys(p, real ? nr : 0, k_head, top_w + slot, top_at + slot);
+                            }
                         }
                         if (out) {
                             /* P V: a tile of VF dims for the block's four rows, summed over keys */
@@ -261,6 +296,13 @@ int attnpipe_attention_rows(
                         }
                     }
                 }
+            }
+            /* every head has added its share to these rows' mean: its top keys */
+            for (int64_t i = r0; i < r1 && k_mean; i++) {
+                const int64_t pos = offset + i, n = causal ? lo64(pos + 1, keys) : keys;
+                const int64_t slot = (b * nq + i) * k_mean;
+                top_keys(mean + (b * nq + i) * nk, pos < length && n > 0 ? n : 0, k_mean, mean_w + slot,
+                         mean_at + slot);
             }
         }
         scratch_free(&w);
