@@ -20,10 +20,10 @@ from functools import cached_property
 
 import torch
 
-from . import masks
 from .attention import BatchMasks, LayerAttention, edge_columns
 from .fused import key_flags
 from .head_stats import from_rows
+from .masks import topk as torch_topk
 
 
 MAX_KERNEL_K = 128  # top keys the kernel selects per row; more come from the torch recipe
@@ -43,6 +43,7 @@ class Needs:
 
 
 def kernel_needs(recipes: list[dict]) -> Needs:
+    """The union of what a job's (validated) recipes read, for the kernel to compute in one call."""
     needs = {"stats": False, "mean": False, "probs": False, "topk_head": 0, "topk_mean": 0}
     for spec in recipes:
         per_head = spec.get("per_head")
@@ -115,7 +116,7 @@ def topk(att: CompiledAttention, *, k: int, per_head: bool) -> dict[str, torch.T
     """topk (see its torch recipe) from the keys the kernel selected."""
     top = att.top_keys(k, per_head)
     if top is None:
-        return masks.topk(att, k=k, per_head=per_head)
+        return torch_topk(att, k=k, per_head=per_head)
     weight, position = top
     return edge_columns(position >= 0, position.long(), weight, per_head)
 
