@@ -48,7 +48,7 @@ class ModuleModel(LoadedModel):
             raise ModelError(f"run.attention = {self.backend!r} applies to transformers models; {self.name} "
                              f"({type(self.model).__name__}) forms its attention in its own modules; leave "
                              "run.attention out")
-        self.backend, self.kernels = "eager", None  # weights formed as the model runs, as eager
+        self.backend, self.kernels, self.cpu_kernel = "eager", None, False  # weights formed as the model runs, as eager
         self.model.eval().to(self.device, DTYPES[self.dtype])
         self.sites = modules.find_sites(self.model, self.patterns)
         if not self.sites:
