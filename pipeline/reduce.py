@@ -12,7 +12,7 @@ from .capture import LayerInputs, SiteKey, capture_layers
 from .model import LoadedModel
 from .recipes import RECIPES, BatchMasks, LayerAttention, needs_whole_map
 from .recipes.attention import WordPooling
-from .recipes.compiled import CompiledAttention, Needs, kernel_needs
+from .recipes.compiled import COMPILED, CompiledAttention, Needs, kernel_needs
 from .recipes.fused import FusedAttention
 from .windows import Target, Window, collate
 
@@ -105,7 +105,6 @@ def apply_recipes(att: LayerAttention, recipes: list[dict], carry: dict[int, tor
                   ) -> list[tuple[int, dict[str, torch.Tensor]]]:
     """Every recipe on one layer; `carry` holds stateful recipes' state between layers of one
     stack. Rollout multiplies a stack's self-attention maps, so it skips cross-attention."""
-    from .recipes.compiled import COMPILED, CompiledAttention
     from .recipes.fused import FUSED
 
     # recipes the kernels compute their own way (token level only)

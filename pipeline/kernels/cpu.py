@@ -3,7 +3,7 @@ probabilities, in one pass over each attention row.
 
 The C file ships with the package and is compiled here once per machine with the system's C
 compiler (`$CC`, else cc), `-O3 -march=native -fopenmp`, into the user's cache
-(`$ATTNPIPE_CACHE`, else `$XDG_CACHE_HOME/attnpipe`, else ~/.cache/attnpipe), under a name
+(`$ATTNPIPE_CACHE/kernels`, default ~/.cache/attnpipe/kernels), under a name
 that hashes the source, the flags, the compiler and the CPU's features: a changed file or a
 different machine builds anew. The build goes to a temporary name and is renamed into place,
 so concurrent workers never load half a library. It links the OpenMP runtime torch has already
@@ -45,9 +45,8 @@ def enabled() -> bool:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("ATTNPIPE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "attnpipe")
-    return Path(root) / "kernels"
+    """Where builds go: $ATTNPIPE_CACHE/kernels, as the corpus, model and remote caches."""
+    return Path(os.environ.get("ATTNPIPE_CACHE") or Path.home() / ".cache" / "attnpipe") / "kernels"
 
 
 def _cpu_features() -> str:
