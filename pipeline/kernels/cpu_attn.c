@@ -66,8 +66,8 @@ static inline vf vexp(vf x)
 static inline int any_lane(vi m) { int32_t a = 0; for (int i = 0; i < VF; i++) a |= m[i]; return a != 0; }
 
 /* The `count` largest of x[0..n), descending, ties to the smaller position (reference.row_topk):
- * a sorted insertion, whole vectors below the current last weight skipped. Slots past n: weight
- * -1 and position -1. x is padded with zeros to whole vectors. */
+ * a sorted insertion, whole vectors below the current last weight skipped (only vectors that lie
+ * inside x[0..n) are read as such). Slots past n: weight -1 and position -1. */
 static void top_keys(const float *x, int64_t n, int64_t count, float *w, int32_t *at)
 {
     int64_t filled = 0;
