@@ -128,6 +128,11 @@ def test_kernel_rejects_what_it_cannot_take():
         cpu.attention_rows(q.double(), k, v, torch.tensor([8]), causal=False, offset=0, scaling=1.0)
     with pytest.raises(ValueError, match="key flags"):
         cpu.attention_rows(q, k, v, torch.tensor([8]), causal=False, offset=0, scaling=1.0, stats=True)
+    with pytest.raises(ValueError, match="inconsistent shapes"):  # flags narrower than the keys
+        cpu.attention_rows(q, k, v, torch.tensor([8]), causal=False, offset=0, scaling=1.0, stats=True,
+                           flags=torch.zeros(1, 4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        cpu.attention_rows(q, k, v, torch.tensor([8, 8]), causal=False, offset=0, scaling=1.0)
 
 
 def test_kernel_off_by_environment(monkeypatch):

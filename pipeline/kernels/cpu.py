@@ -154,6 +154,16 @@ def attention_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor |
         raise ValueError("attention_rows: heads must be a multiple of kv heads; out needs value and unit dim stride")
     if stats and flags is None:
         raise ValueError("attention_rows: stats need the key flags")
+    # the C side reads and writes through raw pointers: every shape it relies on, checked here
+    shapes = [(key.shape[0], batch), (tuple(lengths.shape), (batch,))]
+    if value is not None:
+        shapes.append((tuple(value.shape[:3]), (batch, kv_heads, keys)))
+    if out is not None:
+        shapes.append((tuple(out.shape), (batch, rows, heads, dim)))
+    if flags is not None:
+        shapes.append((flags.dim() == 2 and flags.shape[0] == batch and flags.shape[1] >= keys, True))
+    if value is not None and value.shape[3] != dim or any(got != want for got, want in shapes):
+        raise ValueError(f"attention_rows: inconsistent shapes for query {tuple(query.shape)}, key {tuple(key.shape)}")
     result = {}
     if stats:
         result["stats"] = torch.empty((batch, heads, rows, NSTATS), dtype=torch.float32)
