@@ -66,15 +66,14 @@ def _plain_child(corpus: str) -> dict:
 def _attnpipe_child(job: str, out: str) -> dict:
     """Run `attnpipe run` here, timing its phases."""
     t0 = time.perf_counter()
+    import functools
     import threading
     from concurrent.futures import thread as futures_thread
 
-    import functools
-
     import attnpipe.capture as capture
-    import attnpipe.recipes.compiled as compiled
     import attnpipe.cli as cli
     import attnpipe.model as model
+    import attnpipe.recipes.compiled as compiled
     import attnpipe.reduce as reduce
     import attnpipe.runtime as runtime
     import attnpipe.shard as shard

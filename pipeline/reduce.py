@@ -13,7 +13,7 @@ from .model import LoadedModel
 from .recipes import RECIPES, BatchMasks, LayerAttention, needs_whole_map
 from .recipes.attention import WordPooling
 from .recipes.compiled import COMPILED, CompiledAttention, Needs, kernel_needs
-from .recipes.fused import FusedAttention
+from .recipes.fused import FUSED, FusedAttention
 from .windows import Target, Window, collate
 
 
@@ -105,8 +105,6 @@ def apply_recipes(att: LayerAttention, recipes: list[dict], carry: dict[int, tor
                   ) -> list[tuple[int, dict[str, torch.Tensor]]]:
     """Every recipe on one layer; `carry` holds stateful recipes' state between layers of one
     stack. Rollout multiplies a stack's self-attention maps, so it skips cross-attention."""
-    from .recipes.fused import FUSED
-
     # recipes the kernels compute their own way (token level only)
     own = FUSED if isinstance(att, FusedAttention) and att.supported else \
         COMPILED if isinstance(att, CompiledAttention) else {}
@@ -200,12 +198,16 @@ def _merge_blocks(kind: str, parts: list[tuple[int, dict[str, torch.Tensor]]]) -
 KEY_COLUMNS = ("batch_index", "head", "window_tokens")
 
 
-def compiled_maps(lm: LoadedModel, recipes: list[dict]) -> int | None:
-    """On a CPU with the compiled kernel: how many (T, T) maps per window the recipes read (every
-    head's, or at most the head mean), for window_slices and query_blocks; None without it."""
-    if lm.device.type != "cpu" or lm.kernels is not None or not getattr(lm, "cpu_kernel", False):
-        return None
-    return lm.num_heads if kernel_needs(recipes).probs else 1
+def compiled_needs(lm: LoadedModel, recipes: list[dict]) -> Needs | None:
+    """What the compiled CPU kernel computes for these recipes; None without it (not a CPU, or it
+    did not build: LoadedModel.cpu_kernel)."""
+    return kernel_needs(recipes) if getattr(lm, "cpu_kernel", False) else None
+
+
+def compiled_maps(lm: LoadedModel, needs: Needs | None) -> int | None:
+    """How many (T, T) maps per window the kernel hands the recipes (every head's, or at most the
+    head mean), for window_slices and query_blocks; None without the kernel."""
+    return None if needs is None else lm.num_heads if needs.probs else 1
 
 
 def _layer_attention(site: SiteKey, masks: BatchMasks, inputs: LayerInputs, rows: tuple[int, int] | None,
@@ -228,8 +230,8 @@ def reduce_layer(lm: LoadedModel, site: SiteKey, inputs: LayerInputs, masks: lis
     query_pos made whole. `carries` holds stateful recipes' state per (slice, stack)."""
     parts: dict[int, list[tuple[int, dict[str, torch.Tensor]]]] = {}
     blockable = not any(needs_whole_map(r) for r in recipes)
-    maps = compiled_maps(lm, recipes)
-    needs = None if maps is None else kernel_needs(recipes)
+    needs = compiled_needs(lm, recipes)
+    maps = compiled_maps(lm, needs)
     for n, ((lo, hi), part_masks) in enumerate(zip(slices, masks)):
         rows = None if len(slices) == 1 else (lo, hi)
         blocks = query_blocks(lm, hi - lo, inputs.query.shape[2], inputs.key.shape[2],
@@ -280,7 +282,7 @@ def reduce_batch_async(lm: LoadedModel, windows: list[Window], recipes: list[dic
         masks = SiteMasks(masks.source, batch_masks(lm, targets, dec_ids, causal=True, words=words))
     pending: list[tuple[int, SiteKey, dict[str, torch.Tensor]]] = []
     size = max(ids.shape[1], decoder["decoder_input_ids"].shape[1] if decoder else 0)
-    slices = window_slices(lm, len(windows), size, compiled_maps(lm, recipes))
+    slices = window_slices(lm, len(windows), size, compiled_maps(lm, compiled_needs(lm, recipes)))
     sliced: dict[int, list[BatchMasks]] = {}  # id(masks) -> the masks of each slice
     carries: dict[tuple[int, str], dict[int, torch.Tensor]] = {}  # (slice, stack) -> stateful recipes' state
 
